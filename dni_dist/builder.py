@@ -1,0 +1,126 @@
+"""Turn a TrainConfig into data and stages. Both engines build through here, so a stage
+built inside a Ray actor is bit-for-bit the stage the local engine builds."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dni_dist.config import OptimConfig, TrainConfig
+from dni_dist.data import Dataset, load_dataset
+from dni_dist.errors import ConfigError
+from dni_dist.feedback import to_feedback_alignment
+from dni_dist.methods import build_boundary
+from dni_dist.models import ModelSpec, build_model
+from dni_dist.partition import partition
+from dni_dist.stage import Stage
+from dni_dist.synthetic import SGSpec, build_sg
+from dni_dist.tasks import Task
+
+
+def make_optimizer(
+    params: list[nn.Parameter], cfg: OptimConfig, lr: float | None = None
+) -> torch.optim.Optimizer | None:
+    if not params:
+        return None
+    rate = cfg.lr if lr is None else lr
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=rate, weight_decay=cfg.weight_decay)
+
+
+def load_data(config: TrainConfig) -> Dataset:
+    d = config.data
+    dataset = load_dataset(d.name, config.seed, d.path, d.download, d.task, d.dim, d.labels, d.samples, d.outputs)
+    loss = d.loss
+    # Softmax errors sum to zero per example, so Kickback's signal e 1^T vanishes under log
+    # loss (only round-off is left, which Adam amplifies into drift). Its paper used a
+    # squared error; that is what the automatic choice picks for it.
+    degenerate = config.method == "kickback" and dataset.task.kind == "classification" and dataset.task.n_outputs > 1
+    if degenerate and loss == "log":
+        raise ConfigError(
+            "method=kickback with data.loss=log gives a zero signal (softmax errors sum to zero); "
+            "use data.loss=mse or leave data.loss unset"
+        )
+    if degenerate and not loss:
+        loss = "mse"
+    if loss:
+        dataset.task = dataclasses.replace(dataset.task, loss_name=loss)
+    return dataset
+
+
+@dataclass
+class Plan:
+    """The segments of the model and the activation shape at each cut."""
+
+    segments: list[nn.Sequential]
+    cut_shapes: list[tuple[int, ...]]
+
+
+def plan_model(config: TrainConfig, input_shape: tuple[int, ...], task: Task) -> Plan:
+    torch.manual_seed(config.seed)
+    m = config.model
+    model = build_model(
+        ModelSpec(m.kind, m.depth, m.width, m.activation, m.batch_norm, m.channels), input_shape, task.n_outputs
+    )
+    if config.method == "fa":
+        to_feedback_alignment(model, seed=config.seed + 7)
+    n_blocks = len(model)
+    if config.segments > n_blocks + (config.cuts is not None):
+        raise ConfigError(
+            f"segments={config.segments} is impossible: model.kind={m.kind!r} with depth {m.depth} has {n_blocks} "
+            f"blocks; use segments <= {n_blocks} or a deeper model (model.depth)"
+        )
+    segments = partition(model, config.segments, config.cuts)
+    shapes = []
+    with torch.no_grad():
+        h = torch.zeros(2, *input_shape)
+        for seg in segments[:-1]:
+            seg.eval()
+            h = seg(h)
+            shapes.append(tuple(h.shape[1:]))
+    return Plan(segments, shapes)
+
+
+def build_stages(config: TrainConfig, input_shape: tuple[int, ...], task: Task, only: int | None = None) -> list[Stage]:
+    """All stages (or just stage ``only``, for an actor); deterministic in ``config.seed``."""
+    plan = plan_model(config, input_shape, task)
+    k_total = config.segments
+    stages = []
+    for k, segment in enumerate(plan.segments):
+        torch.manual_seed(config.seed * 7919 + 101 * k)  # SG init depends on (seed, cut) only
+        boundary = None
+        sg_optimizer = None
+        if k < k_total - 1:
+            sg = None
+            if config.method in ("sg", "sg-prop"):
+                s = config.sg
+                spec = SGSpec(s.kind, s.conditioned, s.wrapper, s.hidden, s.hidden_layers, s.rank, s.scale)
+                sg = build_sg(spec, plan.cut_shapes[k], task.context_dim, where=f"cut {k + 1}")
+            boundary = build_boundary(
+                config.method, sg, plan.cut_shapes[k], task.n_outputs, config.seed * 31 + k, config.sg_prop_alpha
+            )
+            sg_optimizer = make_optimizer(list(boundary.parameters()), config.optim, lr=config.sg.lr)
+        if only is not None and k != only:
+            continue
+        stages.append(
+            Stage(
+                index=k,
+                num_stages=k_total,
+                module=segment,
+                boundary=boundary,
+                task=task,
+                optimizer=make_optimizer(list(segment.parameters()), config.optim),
+                sg_optimizer=sg_optimizer,
+                target_mode=config.sg.target,
+                target_lambda=config.sg.target_lambda,
+                update_prob=config.update_prob,
+                window=config.sg.window,
+                seed=config.seed,
+                direct_error=config.method in ("dfa", "kickback"),
+            )
+        )
+    return stages

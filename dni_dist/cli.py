@@ -1,0 +1,84 @@
+"""``dni-dist``: the command line. Bad input ends in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from dni_dist.errors import ConfigError
+
+EXIT_USAGE = 2
+
+# CLI flag -> config key; each flag is shorthand for --set KEY=VALUE.
+_FLAGS = {
+    "method": "method",
+    "segments": "segments",
+    "runtime": "runtime",
+    "transport": "transport",
+    "dataset": "data.name",
+    "data_dir": "data.path",
+    "epochs": "epochs",
+    "seed": "seed",
+    "out": "out",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
+        raise ConfigError(f"{message}; see `{self.prog} --help`")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dni-dist", description="Unlocked training with synthetic gradients.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="train a model; writes OUT/summary.json and OUT/metrics.jsonl")
+    train.add_argument("config", nargs="?", help="YAML config file (optional; flags and --set override it)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set sg.kind=mlp (repeatable)",
+    )
+    train.add_argument("--method", help="backprop | sg | sg-prop | fa | dfa | kickback")
+    train.add_argument("--segments", help="number of segments K (K-1 cuts)")
+    train.add_argument("--runtime", help="local (one process, lockstep)")
+    train.add_argument("--transport", help="gloo | nccl | grpc (distributed runtime)")
+    train.add_argument("--dataset", help="digits | mnist | cifar10 | artificial")
+    train.add_argument("--data-dir", dest="data_dir", help="directory of mnist / cifar10 files")
+    train.add_argument("--epochs", help="training epochs")
+    train.add_argument("--seed", help="random seed (data split, init, shuffling)")
+    train.add_argument("--out", help="output directory (default runs/latest)")
+    train.add_argument("--quiet", action="store_true", help="no per-epoch lines on stdout")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        from dni_dist.config import load_config  # imported late: --help stays instant
+
+        overrides = [f"{key}={getattr(args, flag)}" for flag, key in _FLAGS.items() if getattr(args, flag) is not None]
+        config = load_config(args.config, overrides + args.overrides)
+        from dni_dist.runner import train
+
+        summary = train(config, verbose=not args.quiet)
+    except ConfigError as exc:
+        print(f"dni-dist: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dni-dist: interrupted", file=sys.stderr)
+        return 130
+    brief = {
+        k: summary[k] for k in ("method", "segments", "dataset", "test_accuracy", "samples_per_second", "wall_seconds")
+    }
+    print(json.dumps(brief))
+    print(f"wrote {config.out}/summary.json and {config.out}/metrics.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

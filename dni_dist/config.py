@@ -1,0 +1,256 @@
+"""Run configuration as plain dataclasses, loaded from YAML and ``--set key=value``.
+
+Every field is typed and checked here, so a bad value fails before anything starts,
+with one line naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dni_dist.data import DATASETS
+from dni_dist.errors import ConfigError
+from dni_dist.methods import METHODS
+from dni_dist.models import ACTIVATIONS, MODEL_KINDS
+from dni_dist.stage import TARGET_MODES
+from dni_dist.synthetic import SG_KINDS, WRAPPERS
+
+RUNTIMES = ("local", "ray")
+TRANSPORTS = ("gloo", "nccl", "grpc")
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "mlp"
+    depth: int = 3
+    width: int = 256
+    activation: str = "relu"
+    batch_norm: bool = False
+    channels: int = 32
+
+
+@dataclass
+class SGConfig:
+    kind: str = "linear"
+    conditioned: bool = True
+    wrapper: str = "none"
+    hidden: int = 256
+    hidden_layers: int = 2
+    rank: int = 16
+    scale: float = 1.0
+    target: str = "true"
+    target_lambda: float = 0.5
+    lr: float = 1e-3
+    window: int = 64
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    path: str | None = None
+    download: bool = False
+    batch_size: int = 64
+    loss: str = ""
+    task: str = "classification"
+    dim: int = 2
+    labels: str = "separable"
+    samples: int = 1000
+    outputs: int = 1
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    method: str = "sg"
+    segments: int = 2
+    cuts: list[int] | None = None
+    runtime: str = "local"
+    transport: str = "gloo"
+    epochs: int = 10
+    seed: int = 0
+    out: str = "runs/latest"
+    update_prob: float = 1.0
+    sg_prop_alpha: float = 1.0
+    log_every: int = 50
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sg: SGConfig = field(default_factory=SGConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "runtime": RUNTIMES,
+    "transport": TRANSPORTS,
+    "model.kind": MODEL_KINDS,
+    "model.activation": tuple(ACTIVATIONS),
+    "sg.kind": SG_KINDS,
+    "sg.wrapper": WRAPPERS,
+    "sg.target": TARGET_MODES,
+    "data.name": DATASETS,
+    "data.loss": ("", "log", "mse"),
+    "data.task": ("classification", "regression"),
+    "data.labels": ("separable", "noisy", "random"),
+    "optim.name": OPTIMIZERS,
+}
+# (low, high) inclusive; None = unbounded.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "segments": (1, 64),
+    "epochs": (1, None),
+    "update_prob": (0.0, 1.0),
+    "sg_prop_alpha": (0.0, None),
+    "log_every": (1, None),
+    "model.depth": (0, 1000),
+    "model.width": (1, None),
+    "model.channels": (1, None),
+    "sg.hidden": (1, None),
+    "sg.hidden_layers": (0, 16),
+    "sg.rank": (1, None),
+    "sg.target_lambda": (0.0, 1.0),
+    "sg.lr": (0.0, None),
+    "sg.window": (1, None),
+    "data.batch_size": (1, None),
+    "data.dim": (1, None),
+    "data.samples": (8, None),
+    "data.outputs": (1, None),
+    "optim.lr": (0.0, None),
+    "optim.momentum": (0.0, 1.0),
+    "optim.weight_decay": (0.0, None),
+}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check one leaf value against its field type; YAML already parsed scalars."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(annotation)
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{key}={value!r} must be a list of integers, e.g. {key}=[2,4]")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if annotation is str:
+        if isinstance(value, bool):  # YAML reads `true` as a boolean; sg.target=true means the text
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+
+
+def _apply(target: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(target))
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            allowed = ", ".join(f"{prefix}{f.name}" for f in dataclasses.fields(target))
+            raise ConfigError(f"unknown config key {key!r}; known keys: {allowed}")
+        current = getattr(target, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a mapping of its fields, got {value!r}")
+            _apply(current, value, prefix=f"{key}.")
+        else:
+            setattr(target, name, _coerce(key, value, hints[name]))
+
+
+def _check(config: TrainConfig) -> None:
+    flat: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                flat[f"{prefix}{f.name}"] = value
+
+    walk(config, "")
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            shown = ", ".join(repr(a) if a == "" else a for a in allowed)
+            raise ConfigError(f"{key}={flat[key]!r} is unknown; use one of {shown}")
+    for key, (low, high) in _RANGES.items():
+        value = flat[key]
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+            raise ConfigError(f"{key}={value} is out of range; allowed {span}")
+    if config.cuts is not None and len(config.cuts) != config.segments - 1:
+        raise ConfigError(f"cuts={config.cuts} needs segments={len(config.cuts) + 1}, got segments={config.segments}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], parsed value). Values are read as YAML scalars."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r} must look like key=value, e.g. --set sg.kind=mlp")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return key.strip().split("."), value
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file, then each override in order; then validate all."""
+    config = TrainConfig()
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            data = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {path!r} is not valid YAML{where}; fix its syntax") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of keys, got {type(data).__name__}")
+        _apply(config, data or {})
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _apply(config, nested)
+    _check(config)
+    return config

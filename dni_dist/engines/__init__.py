@@ -1,0 +1,1 @@
+"""Engines drive stages: ``local`` (one process, lockstep, the reference semantics)."""

@@ -1,0 +1,59 @@
+"""The local engine: every stage in one process, in lockstep. The reference semantics.
+
+A step is run to completion before the next one starts: the data batch enters stage 0,
+and messages are routed first-in first-out until none is left. Each stage therefore sees
+its events of step s in causal order and all of them before step s+1; any engine that
+keeps that per-stage order computes exactly the same parameters.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+import torch
+
+from dni_dist.messages import Kind, Message
+from dni_dist.stage import Stage
+
+
+class LocalEngine:
+    def __init__(self, stages: list[Stage]) -> None:
+        if [s.index for s in stages] != list(range(len(stages))):
+            raise ValueError("the local engine needs every stage, in order")
+        self.stages = stages
+        self.step = 0
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One lockstep step; returns the top stage's loss for this batch."""
+        step = self.step
+        self.step += 1
+        queue: deque[Message] = deque()
+        self._input(self.stages[0], step, x, y, queue)
+        while queue:
+            msg = queue.popleft()
+            stage = self.stages[msg.dst]
+            if msg.kind is Kind.ACTIVATION:
+                assert msg.labels is not None
+                self._input(stage, msg.step, msg.tensor, msg.labels, queue)
+            else:
+                queue.extend(stage.on_message(msg))
+        return self.stages[-1].stats.losses[-1]
+
+    @staticmethod
+    def _input(stage: Stage, step: int, x: torch.Tensor, y: torch.Tensor, queue: deque[Message]) -> None:
+        queue.extend(stage.forward(step, x, y))  # send up first: the update does not hold it back
+        queue.extend(stage.update(step))
+
+    def train(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+        return [self.train_step(x, y) for x, y in batches]
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        outputs = []
+        for start in range(0, len(x), batch_size):
+            h = x[start : start + batch_size]
+            for stage in self.stages:
+                h = stage.predict(h)
+            outputs.append(h)
+        return torch.cat(outputs)

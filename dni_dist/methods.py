@@ -1,0 +1,184 @@
+"""Boundary methods: what the part below a cut is trained with (the paper's Table 1).
+
+Every method is written in the paper's unified form, as an SG module at the cut: the
+lower part receives either the SG's output (``sg``) or dL_SG/dh, the SG loss
+L_SG = 1/2 ||SG(h) - target||^2 differentiated w.r.t. h with the target held constant.
+With target = SG(h) - s this gives dL_SG/dh = s dSG/dh, so
+
+- backprop: SG(h) = h (fixed), s = dL/dh          -> dL/dh
+- fa:       same boundary as backprop; the layers *above* use random feedback
+            (see feedback.py), so s is FA's error, not dL/dh
+- dfa:      SG(h) = h R (R fixed random, to output size), s = e = dL/dp -> e R^T
+- kickback: SG(h) = h 1 (ones), s = e              -> e 1^T
+- sg:       SG(h, y) learned; the lower part gets SG(h, y) without waiting
+- sg-prop:  SG(h, y) + alpha dL_SG/dh with the target dL/dh: waits for it
+
+Gradients exchanged between stages are gradients of the batch-mean loss (what autograd
+gives); learned SGs work in per-example units (see synthetic.py), hence the batch factors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from dni_dist.errors import ConfigError
+from dni_dist.synthetic import SyntheticGradient
+
+METHODS: tuple[str, ...] = ("backprop", "sg", "sg-prop", "fa", "dfa", "kickback")
+Waits = Literal["nothing", "grad", "error"]
+
+
+def _half_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (a - b).pow(2).sum()
+
+
+class Boundary(nn.Module):
+    """One cut, owned by the stage below it.
+
+    ``waits_for`` is what must arrive from above before the lower part can update:
+    nothing (unlocked), ``grad`` (the gradient w.r.t. h from the stage above) or ``error``
+    (the output error e = dL/dp, sent directly by the top stage).
+    """
+
+    name: ClassVar[str]
+    waits_for: ClassVar[Waits]
+    learned: ClassVar[bool] = False
+    update_locked: ClassVar[bool] = True
+    backwards_locked: ClassVar[bool] = True
+    direct_error: ClassVar[bool] = False
+
+    def signal(self, h: torch.Tensor, context: torch.Tensor, received: torch.Tensor | None) -> torch.Tensor:
+        """g_hat for the lower part, in batch-mean-loss units, shaped like h."""
+        raise NotImplementedError
+
+
+class _FixedSGBoundary(Boundary):
+    """A fixed (untrained) SG whose dL_SG/dh is handed to the lower part."""
+
+    def fixed_sg(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def signal(self, h: torch.Tensor, context: torch.Tensor, received: torch.Tensor | None) -> torch.Tensor:
+        if received is None:
+            raise ValueError(f"{self.name} needs the {self.waits_for} from above before it can update")
+        with torch.enable_grad():
+            h = h.detach().requires_grad_(True)
+            out = self.fixed_sg(h)
+            target = (out - received).detach()  # the table's target, e.g. h - dL/dh for backprop
+            (g,) = torch.autograd.grad(_half_sq(out, target), h)
+        return g
+
+
+class BackpropBoundary(_FixedSGBoundary):
+    name = "backprop"
+    waits_for = "grad"
+
+    def fixed_sg(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+
+class FeedbackAlignmentBoundary(BackpropBoundary):
+    """The cut itself passes the error on unchanged; FA lives in the layers above it."""
+
+    name = "fa"
+
+
+class DirectFeedbackBoundary(_FixedSGBoundary):
+    name = "dfa"
+    waits_for = "error"
+    backwards_locked = False
+    direct_error = True
+
+    def __init__(self, feature_shape: tuple[int, ...], n_outputs: int, seed: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        projection = torch.randn(math.prod(feature_shape), n_outputs, generator=generator) * n_outputs**-0.5
+        self.register_buffer("projection", projection)
+
+    def fixed_sg(self, h: torch.Tensor) -> torch.Tensor:
+        return h.flatten(1) @ self.projection
+
+
+class KickbackBoundary(DirectFeedbackBoundary):
+    """DFA with R = 1: every unit receives the sum of the output errors."""
+
+    name = "kickback"
+
+    def __init__(self, feature_shape: tuple[int, ...], n_outputs: int, seed: int) -> None:
+        super().__init__(feature_shape, n_outputs, seed)
+        self.projection.fill_(1.0)
+
+
+class SyntheticBoundary(Boundary):
+    """A learned SG: the lower part updates from SG(h, y) at once (update unlocked)."""
+
+    name = "sg"
+    waits_for = "nothing"
+    learned = True
+    update_locked = False
+    backwards_locked = False
+
+    def __init__(self, sg: SyntheticGradient) -> None:
+        super().__init__()
+        self.sg = sg
+
+    def signal(self, h: torch.Tensor, context: torch.Tensor, received: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            return self.sg(h, context) / h.shape[0]
+
+    def sg_loss(
+        self, h: torch.Tensor, context: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_SG, SG output): 1/2 ||SG(h, y) - B dL/dh||^2 averaged over the batch."""
+        batch = h.shape[0]
+        out = self.sg(h.detach(), context)
+        return _half_sq(out, target.detach() * batch) / batch, out.detach()
+
+
+class SyntheticPropBoundary(SyntheticBoundary):
+    """SG + prop: g_hat = SG(h, y) + alpha dL_SG/dh, so it must wait for the target."""
+
+    name = "sg-prop"
+    waits_for = "grad"
+    update_locked = True
+    backwards_locked = True
+
+    def __init__(self, sg: SyntheticGradient, alpha: float) -> None:
+        super().__init__(sg)
+        self.alpha = alpha
+
+    def signal(self, h: torch.Tensor, context: torch.Tensor, received: torch.Tensor | None) -> torch.Tensor:
+        if received is None:
+            raise ValueError("sg-prop needs the gradient from above before it can update")
+        batch = h.shape[0]
+        with torch.enable_grad():
+            h = h.detach().requires_grad_(True)
+            out = self.sg(h, context)
+            (prop,) = torch.autograd.grad(_half_sq(out, received.detach() * batch), h)
+        return (out.detach() + self.alpha * prop) / batch
+
+
+def build_boundary(
+    method: str,
+    sg: SyntheticGradient | None,
+    feature_shape: tuple[int, ...],
+    n_outputs: int,
+    seed: int,
+    sg_prop_alpha: float = 1.0,
+) -> Boundary:
+    """The boundary object for ``method`` at one cut; ``sg`` is required for learned methods."""
+    if method in ("backprop", "fa"):
+        return BackpropBoundary() if method == "backprop" else FeedbackAlignmentBoundary()
+    if method == "dfa":
+        return DirectFeedbackBoundary(feature_shape, n_outputs, seed)
+    if method == "kickback":
+        return KickbackBoundary(feature_shape, n_outputs, seed)
+    if method in ("sg", "sg-prop"):
+        if sg is None:
+            raise ValueError(f"method {method!r} needs an SG module")
+        return SyntheticBoundary(sg) if method == "sg" else SyntheticPropBoundary(sg, sg_prop_alpha)
+    raise ConfigError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}")

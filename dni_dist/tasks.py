@@ -1,0 +1,49 @@
+"""What the network is trained to do: the loss at the top, the label context an SG is
+conditioned on, and the score reported at evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class Task:
+    """``classification`` (softmax cross-entropy, one-hot context) or ``regression``
+    (MSE 1/2 mean_i ||p_i - y_i||^2, the target vector itself as context)."""
+
+    kind: str
+    n_outputs: int
+    loss_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("classification", "regression"):
+            raise ValueError(f"task kind {self.kind!r} is unknown")
+        if not self.loss_name:
+            object.__setattr__(self, "loss_name", "log" if self.kind == "classification" else "mse")
+
+    @property
+    def context_dim(self) -> int:
+        return self.n_outputs
+
+    def context(self, y: torch.Tensor) -> torch.Tensor:
+        if self.kind == "classification":
+            return F.one_hot(y.long(), self.n_outputs).float()
+        return y.float()
+
+    def loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Batch-mean loss. For classification, ``mse`` regresses the one-hot labels."""
+        if self.kind == "classification" and self.loss_name == "log":
+            if self.n_outputs == 1:
+                return F.binary_cross_entropy_with_logits(output.squeeze(1), y.float())
+            return F.cross_entropy(output, y.long())
+        target = self.context(y) if self.kind == "classification" else y.float()
+        return 0.5 * (output - target).pow(2).sum(1).mean()
+
+    def correct(self, output: torch.Tensor, y: torch.Tensor) -> int:
+        """Number of correct predictions (classification only)."""
+        if self.n_outputs == 1:
+            return int(((output.squeeze(1) > 0).long() == y.long()).sum())
+        return int((output.argmax(1) == y.long()).sum())
