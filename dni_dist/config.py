@@ -76,6 +76,27 @@ class OptimConfig:
 
 
 @dataclass
+class DistConfig:
+    """The distributed runtime (``runtime=ray``)."""
+
+    schedule: str = "async"
+    placement: str = "pack"
+    address: str | None = None
+    num_cpus: int | None = None
+    cpus_per_stage: float | None = None
+    timeout: float = 300.0
+    capacity: int = 4
+    # Steps stage 0 may have waiting for targets (unlocked methods). More lets deep pipelines
+    # run fuller but makes SG targets staler: on digits a 4-step target delay costs about 10
+    # points of accuracy, 8 steps diverge (see benchmarks/RESULTS.md). 2 keeps two stages
+    # working at once with targets at most about one step old.
+    max_in_flight: int = 2
+    # Test hook: stage ``slow_stage`` sleeps ``slow_seconds`` extra per input (-1 = none).
+    slow_stage: int = -1
+    slow_seconds: float = 0.0
+
+
+@dataclass
 class TrainConfig:
     method: str = "sg"
     segments: int = 2
@@ -92,6 +113,7 @@ class TrainConfig:
     sg: SGConfig = field(default_factory=SGConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +133,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.task": ("classification", "regression"),
     "data.labels": ("separable", "noisy", "random"),
     "optim.name": OPTIMIZERS,
+    "dist.schedule": ("async", "lockstep"),
+    "dist.placement": ("pack", "spread"),
 }
 # (low, high) inclusive; None = unbounded.
 _RANGES: dict[str, tuple[float | None, float | None]] = {
@@ -135,6 +159,13 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "optim.lr": (0.0, None),
     "optim.momentum": (0.0, 1.0),
     "optim.weight_decay": (0.0, None),
+    "dist.num_cpus": (1, None),
+    "dist.cpus_per_stage": (0.01, None),
+    "dist.timeout": (1.0, None),
+    "dist.capacity": (1, 4096),
+    "dist.max_in_flight": (1, 4096),
+    "dist.slow_stage": (-1, 64),
+    "dist.slow_seconds": (0.0, 60.0),
 }
 
 
@@ -211,6 +242,8 @@ def _check(config: TrainConfig) -> None:
             raise ConfigError(f"{key}={flat[key]!r} is unknown; use one of {shown}")
     for key, (low, high) in _RANGES.items():
         value = flat[key]
+        if value is None:
+            continue
         if (low is not None and value < low) or (high is not None and value > high):
             span = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
             raise ConfigError(f"{key}={value} is out of range; allowed {span}")

@@ -194,6 +194,28 @@ class Stage:
     def pending_steps(self) -> int:
         return len(self._pending)
 
+    @property
+    def down_source(self) -> int | None:
+        """The stage whose messages this one waits for: the top for a direct error."""
+        if self.is_top:
+            return None
+        return self.num_stages - 1 if self.boundary.waits_for == "error" else self.index + 1
+
+    @property
+    def down_messages_per_step(self) -> int:
+        """How many messages arrive from ``down_source`` for each step (the wire protocol)."""
+        if self.is_top:
+            return 0
+        above_is_top = self.index + 1 == self.num_stages - 1
+        if self.boundary.waits_for == "nothing" and self.target_mode == "lambda" and not above_is_top:
+            return 2  # the bootstrap target at once, the true gradient later
+        return 1
+
+    @property
+    def locked(self) -> bool:
+        """Must this stage wait for a signal from above before taking its next input?"""
+        return not self.is_top and self.boundary.update_locked
+
     # -------------------------------------------------------------- internals
     def _top_step(
         self, step: int, x: torch.Tensor, output: torch.Tensor, labels: torch.Tensor, params: list[torch.Tensor]

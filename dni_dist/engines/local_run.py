@@ -1,0 +1,39 @@
+"""The local engine behind the runner's epoch interface."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dni_dist.builder import build_stages
+from dni_dist.config import TrainConfig
+from dni_dist.data import Dataset, batches
+from dni_dist.engines.local import LocalEngine
+
+
+class LocalRun:
+    def __init__(self, config: TrainConfig, dataset: Dataset) -> None:
+        self.config = config
+        self.dataset = dataset
+        self.engine = LocalEngine(build_stages(config, dataset.input_shape, dataset.task))
+
+    @property
+    def step(self) -> int:
+        return self.engine.step
+
+    def train_epoch(self, epoch: int) -> list[float]:
+        d, bs = self.dataset, self.config.data.batch_size
+        return [self.engine.train_step(x, y) for x, y in batches(d.x_train, d.y_train, bs, self.config.seed, epoch)]
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.engine.predict(x)
+
+    def stage_summaries(self) -> list[dict[str, Any]]:
+        return [
+            {"stage": s.index, "parameters": sum(p.numel() for p in s.module.parameters()), **s.stats.summary()}
+            for s in self.engine.stages
+        ]
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,232 @@
+"""The distributed engine: one Ray actor per segment, each running the stage loop on its
+own device, talking over a transport (torch.distributed P2P: NCCL on GPUs, gloo on CPU).
+
+The driver only sets things up and calls each actor once per epoch (``run_epoch``); the
+data plane never goes through Ray calls (an actor call costs about 1 ms here, a gloo
+message about 0.1 ms). With no Ray address it starts an embedded local Ray; with
+``dist.address`` or ``RAY_ADDRESS`` (set by ``ray job submit``) it joins that cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from dni_dist.builder import build_stages, load_data, plan_model
+from dni_dist.config import TrainConfig
+from dni_dist.data import Dataset, batches
+from dni_dist.engines.stage_loop import StageLoop
+from dni_dist.engines.wiring import all_streams, streams_of
+from dni_dist.errors import ConfigError
+from dni_dist.tasks import Task
+from dni_dist.transports.base import Stream
+from dni_dist.transports.torch_dist import TorchDistTransport, free_port, init_groups, shutdown_groups
+
+
+class StageWorker:
+    """One segment in its own process (wrapped with ``ray.remote`` by the driver)."""
+
+    def __init__(self, config: TrainConfig, index: int, input_shape: tuple[int, ...], task: Task, use_gpu: bool):
+        torch.set_num_threads(max(1, int(config.dist.cpus_per_stage or 1)))
+        self.config = config
+        self.index = index
+        self.device = torch.device("cuda:0") if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
+        self.stage = build_stages(config, input_shape, task, only=index)[0]
+        self.stage.module.to(self.device)
+        if self.stage.boundary is not None:
+            self.stage.boundary.to(self.device)
+        self.data: Dataset | None = load_data(config) if index == 0 else None
+        self.transport: TorchDistTransport | None = None
+        self.loop: StageLoop | None = None
+        self.busy = [0.0, 0.0]  # compute seconds, wall seconds
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0's node address and a free port there (as Ray Train does)."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def connect(self, address: str, port: int, streams: list[Stream]) -> None:
+        cfg = self.config
+        backend = cfg.transport
+        up, down = init_groups(backend, address, port, self.index, cfg.segments, cfg.dist.timeout, self.device)
+        inbound, outbound = streams_of(self.index, streams)
+        wire = self.device if backend == "nccl" else torch.device("cpu")
+        self.transport = TorchDistTransport(
+            self.index, inbound, outbound, up, down, wire, self.device, cfg.dist.capacity
+        )
+        self.transport.start()
+        slow = cfg.dist.slow_seconds if cfg.dist.slow_stage == self.index else 0.0
+        self.loop = StageLoop(
+            self.stage, self.transport, cfg.dist.schedule, cfg.dist.timeout, slow, cfg.dist.max_in_flight
+        )
+
+    def run_epoch(self, epoch: int, first_step: int, steps: int) -> dict[str, Any]:
+        assert self.loop is not None
+        inputs = None
+        if self.data is not None:
+            batch = self.config.data.batch_size
+            inputs = (
+                (x.to(self.device), y.to(self.device))
+                for x, y in batches(self.data.x_train, self.data.y_train, batch, self.config.seed, epoch)
+            )
+        losses_before = len(self.stage.stats.losses)
+        report = self.loop.run_epoch(first_step, steps, inputs)
+        self.busy[0] += report.compute_seconds
+        self.busy[1] += report.wall_seconds
+        return {
+            "losses": self.stage.stats.losses[losses_before:],
+            "wall_seconds": report.wall_seconds,
+            "busy_fraction": report.compute_seconds / report.wall_seconds if report.wall_seconds else 0.0,
+            "max_queued": report.max_queued,
+            "max_pending": report.max_pending,
+            "rss_bytes": _rss_bytes(),
+        }
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage.predict(x.to(self.device)).cpu()
+
+    def state(self) -> dict[str, dict[str, torch.Tensor]]:
+        boundary = self.stage.boundary
+        return {
+            "module": {k: v.cpu() for k, v in self.stage.module.state_dict().items()},
+            "boundary": {} if boundary is None else {k: v.cpu() for k, v in boundary.state_dict().items()},
+        }
+
+    def summary(self) -> dict[str, Any]:
+        stats = self.stage.stats.summary()
+        stats["busy_fraction"] = self.busy[0] / self.busy[1] if self.busy[1] else 0.0
+        stats["parameters"] = sum(p.numel() for p in self.stage.module.parameters())
+        stats["device"] = str(self.device)
+        if self.transport is not None:
+            stats["transport"] = self.transport.stats.summary()
+        return stats
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        shutdown_groups()
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc), else its peak."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def connect_ray(config: TrainConfig) -> bool:
+    """Join the configured cluster, or start an embedded one. True if we started it."""
+    if ray.is_initialized():
+        return False
+    address = config.dist.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    ray.init(num_cpus=config.dist.num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+class RayRun:
+    """The driver side: places the actors, wires them up, runs epochs, tears down."""
+
+    def __init__(self, config: TrainConfig, dataset: Dataset) -> None:
+        if config.transport == "grpc":
+            raise ConfigError("transport='grpc' is not available yet; use transport=gloo (CPU) or nccl (GPUs)")
+        self.config = config
+        self.dataset = dataset
+        self.started_ray = connect_ray(config)
+        self.actors: list[Any] = []
+        self.pg = None
+        self._in_epoch = False  # an interrupted epoch leaves actors busy: kill, don't ask
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        cfg = self.config
+        k = cfg.segments
+        resources = ray.cluster_resources()
+        use_gpu = resources.get("GPU", 0) >= k
+        if cfg.transport == "nccl" and not use_gpu:
+            raise ConfigError(
+                f"transport=nccl needs one GPU per stage ({k}), the cluster has {resources.get('GPU', 0):g}; "
+                "use transport=gloo"
+            )
+        cpus = cfg.dist.cpus_per_stage or (1.0 if use_gpu else min(1.0, resources.get("CPU", 1) / k))
+        bundle = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
+        strategy = "STRICT_SPREAD" if cfg.dist.placement == "spread" else "PACK"
+        self.pg = placement_group([bundle] * k, strategy=strategy)
+        ready, _ = ray.wait([self.pg.ready()], timeout=cfg.dist.timeout)
+        if not ready:
+            raise ConfigError(
+                f"the cluster cannot place {k} stages of {bundle} with {strategy}; lower segments or add nodes"
+            )
+        worker = ray.remote(StageWorker)
+        task = self.dataset.task
+        for i in range(k):
+            self.actors.append(
+                worker.options(
+                    num_cpus=cpus,
+                    num_gpus=1 if use_gpu else 0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                ).remote(cfg, i, self.dataset.input_shape, task, use_gpu)
+            )
+        plan = plan_model(cfg, self.dataset.input_shape, task)
+        direct = cfg.method in ("dfa", "kickback")
+        streams = all_streams(k, plan.cut_shapes, cfg.data.batch_size, task, direct)
+        address, port = ray.get(self.actors[0].rendezvous.remote())
+        ray.get([a.connect.remote(address, port, streams) for a in self.actors], timeout=cfg.dist.timeout)
+        self.steps_per_epoch = len(self.dataset.x_train) // cfg.data.batch_size
+        self.step = 0
+        self.epoch_reports: list[list[dict[str, Any]]] = []
+
+    def train_epoch(self, epoch: int) -> list[float]:
+        steps = self.steps_per_epoch
+        self._in_epoch = True
+        reports = ray.get([a.run_epoch.remote(epoch, self.step, steps) for a in self.actors])
+        self._in_epoch = False
+        self.step += steps
+        self.epoch_reports.append(reports)
+        return reports[-1]["losses"]
+
+    def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        ref: Any = x
+        for actor in self.actors:
+            ref = actor.predict.remote(ref)  # refs chain actor to actor, not via the driver
+        return ray.get(ref)
+
+    def states(self) -> list[dict[str, dict[str, torch.Tensor]]]:
+        return ray.get([a.state.remote() for a in self.actors])
+
+    def stage_summaries(self) -> list[dict[str, Any]]:
+        summaries = ray.get([a.summary.remote() for a in self.actors])
+        for i, s in enumerate(summaries):
+            s["max_queued"] = max((r[i]["max_queued"] for r in self.epoch_reports), default=0)
+            s["max_pending"] = max((r[i]["max_pending"] for r in self.epoch_reports), default=0)
+        return [{"stage": i, **s} for i, s in enumerate(summaries)]
+
+    def close(self) -> None:
+        """Stop every actor and free every port, whatever state the run is in."""
+        if self.actors and not self._in_epoch:
+            try:
+                ray.get([a.close.remote() for a in self.actors], timeout=30)
+            except Exception:  # a dead or hung actor is killed below anyway
+                pass
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False

@@ -1,0 +1,181 @@
+"""The stage loop: one stage driven by the messages a transport delivers.
+
+``async`` is the unlocked schedule of DESIGN.md: stage 0 feeds a new batch whenever it
+may (an ``sg`` stage as long as fewer than ``max_in_flight`` steps wait for targets; a
+locked stage only when nothing is pending), every stage forwards and sends up at once, updates
+from its SG, and trains its SG whenever a target arrives. Memory stays bounded: the
+transport's queues are bounded and block the sender, and pending steps are capped.
+
+``lockstep`` processes, at every stage, all events of step s (its input, then the
+messages from above for s, in order) before anything of step s+1; messages that arrive
+early wait in a small buffer. That is the local engine's per-stage order, so the result
+is the same to floating-point tolerance.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from dni_dist.messages import Kind, Message
+from dni_dist.stage import Stage
+from dni_dist.transports.base import Transport, TransportError
+
+SCHEDULES = ("async", "lockstep")
+
+
+@dataclass
+class EpochReport:
+    wall_seconds: float
+    compute_seconds: float
+    inputs: int
+    messages: int
+    max_queued: int
+    max_pending: int
+
+
+class StageLoop:
+    def __init__(
+        self,
+        stage: Stage,
+        transport: Transport,
+        schedule: str = "async",
+        timeout: float = 120.0,
+        slow_seconds: float = 0.0,
+        max_in_flight: int = 2,
+    ) -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule {schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
+        self.stage = stage
+        self.transport = transport
+        self.schedule = schedule
+        self.timeout = timeout
+        self.slow_seconds = slow_seconds  # test hook: pretend each input costs this much more
+        self.max_in_flight = 1 if stage.locked else max_in_flight
+        self._early: list[Message] = []
+        self._max_queued = 0
+        self._max_pending = 0
+
+    def run_epoch(
+        self, first_step: int, steps: int, inputs: Iterator[tuple[torch.Tensor, torch.Tensor]] | None
+    ) -> EpochReport:
+        """Process this epoch's ``steps`` inputs and every message they cause at this stage."""
+        stage = self.stage
+        if (stage.index == 0) != (inputs is not None):
+            raise ValueError("stage 0 reads the data; every other stage reads activations")
+        if stage.index > 0:
+            self.transport.expect(stage.index - 1, steps)
+        per_step = stage.down_messages_per_step
+        if per_step:
+            self.transport.expect(stage.down_source, steps * per_step)
+        started = time.perf_counter()
+        compute_before = stage.stats.compute_seconds
+        self._max_queued = self._max_pending = 0
+        if self.schedule == "lockstep":
+            messages = self._lockstep(first_step, steps, per_step, inputs)
+        else:
+            messages = self._async(first_step, steps, per_step, inputs)
+        self.transport.flush(self.timeout)
+        return EpochReport(
+            wall_seconds=time.perf_counter() - started,
+            compute_seconds=stage.stats.compute_seconds - compute_before,
+            inputs=steps,
+            messages=messages,
+            max_queued=self._max_queued,
+            max_pending=self._max_pending,
+        )
+
+    # ------------------------------------------------------------ schedules
+    def _async(self, first: int, steps: int, per_step: int, inputs: Iterator | None) -> int:
+        stage = self.stage
+        fed = 0
+        handled = 0
+        held: deque[Message] = deque()  # inputs a locked stage may not start yet
+        while fed < steps or handled < steps * per_step:
+            if inputs is not None:
+                msg = self.transport.try_recv()  # targets first: they free pending steps
+                if msg is None and fed < steps and stage.pending_steps < self.max_in_flight:
+                    x, y = next(inputs)
+                    self._input(first + fed, x, y)
+                    fed += 1
+                    continue
+                if msg is None:
+                    msg = self.transport.recv(self.timeout)
+            else:
+                busy = stage.locked and stage.pending_steps > 0
+                if held and not busy:
+                    msg = held.popleft()
+                else:
+                    msg = self.transport.recv(self.timeout)
+                if msg.kind is Kind.ACTIVATION:
+                    # A locked stage finishes its step first (its update would change the
+                    # weights under the next step's graph). Direct errors make this real:
+                    # stage 0 can get its error, and feed the next step, before we get ours.
+                    if busy:
+                        held.append(msg)
+                        continue
+                    self._check_order(msg.step, first + fed)
+                    self._input(msg.step, msg.tensor, msg.labels)
+                    fed += 1
+                    continue
+            self._message(msg)
+            handled += 1
+        return handled
+
+    def _lockstep(self, first: int, steps: int, per_step: int, inputs: Iterator | None) -> int:
+        for i in range(steps):
+            step = first + i
+            if inputs is not None:
+                x, y = next(inputs)
+            else:
+                msg = self._next(step)
+                if msg.kind is not Kind.ACTIVATION:
+                    raise TransportError(
+                        f"stage {self.stage.index}: a {msg.kind.value} for step {step} came before its input"
+                    )
+                x, y = msg.tensor, msg.labels
+            self._input(step, x, y)
+            for _ in range(per_step):
+                self._message(self._next(step))
+        return steps * per_step
+
+    def _next(self, step: int) -> Message:
+        """The next message of ``step``; messages of later steps wait in ``_early``."""
+        for i, msg in enumerate(self._early):
+            if msg.step == step:
+                return self._early.pop(i)
+        while True:
+            msg = self.transport.recv(self.timeout)
+            if msg.step == step:
+                return msg
+            if msg.step < step:
+                raise TransportError(f"stage {self.stage.index}: step {msg.step} arrived after step {step} began")
+            self._early.append(msg)
+
+    # ---------------------------------------------------------------- events
+    def _input(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        for out in self.stage.forward(step, x, y):  # send up before updating
+            self.transport.send(out)
+        if self.slow_seconds:  # simulated work: counted as compute, like the real kind
+            time.sleep(self.slow_seconds)
+            self.stage.stats.compute_seconds += self.slow_seconds
+        for out in self.stage.update(step):
+            self.transport.send(out)
+        self._sample()
+
+    def _message(self, msg: Message) -> None:
+        for out in self.stage.on_message(msg):
+            self.transport.send(out)
+        self._sample()
+
+    def _sample(self) -> None:
+        self._max_queued = max(self._max_queued, self.transport.queued)
+        self._max_pending = max(self._max_pending, self.stage.pending_steps)
+
+    def _check_order(self, got: int, expected: int) -> None:
+        if got != expected:
+            raise TransportError(f"stage {self.stage.index}: expected the input of step {expected}, got step {got}")

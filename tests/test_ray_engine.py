@@ -1,0 +1,133 @@
+"""The distributed engine on an embedded Ray (2 CPUs), gloo transport.
+
+One Ray session for the whole module (starting Ray costs seconds on 2 cores).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+import torch
+from conftest import config
+from helpers import stages_for
+
+from dni_dist.data import batches
+from dni_dist.engines.local import LocalEngine
+from dni_dist.engines.ray_engine import RayRun
+from dni_dist.runner import train
+
+RAY = ("runtime=ray", "transport=gloo", "dist.cpus_per_stage=0.5")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _local_states(overrides: tuple[str, ...], epochs: int) -> list[dict[str, dict[str, torch.Tensor]]]:
+    stages, data = stages_for(*overrides)
+    engine = LocalEngine(stages)
+    for epoch in range(epochs):
+        for x, y in batches(data.x_train, data.y_train, 64, 0, epoch):
+            engine.train_step(x, y)
+    return [
+        {"module": s.module.state_dict(), "boundary": {} if s.boundary is None else s.boundary.state_dict()}
+        for s in stages
+    ]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("method=sg", "sg.target=true", "segments=3"),
+        ("method=sg", "sg.target=bootstrap", "segments=3"),
+        ("method=backprop", "segments=2"),
+    ],
+    ids=["sg-true", "sg-bootstrap", "backprop"],
+)
+def test_lockstep_over_gloo_ends_with_the_local_engines_parameters(overrides: tuple[str, ...]) -> None:
+    """The sacred test: same order of events, so the same numbers (net and SG)."""
+    from dni_dist.builder import load_data
+
+    cfg = config(*overrides, *RAY, "dist.schedule=lockstep")
+    run = RayRun(cfg, load_data(cfg))
+    try:
+        run.train_epoch(0)
+        run.train_epoch(1)
+        distributed = run.states()
+    finally:
+        run.close()
+    local = _local_states(overrides, epochs=2)
+    assert len(distributed) == len(local)
+    for got, want in zip(distributed, local, strict=True):
+        for part in ("module", "boundary"):
+            assert got[part].keys() == want[part].keys()
+            for name in want[part]:
+                torch.testing.assert_close(got[part][name], want[part][name], msg=f"{part}.{name}")
+
+
+def test_async_k2_reaches_the_local_accuracy_band(tmp_path) -> None:
+    local = train(config(f"out={tmp_path / 'local'}"))
+    distributed = train(config(*RAY, "segments=2", f"out={tmp_path / 'ray'}"))
+    assert distributed["runtime"] == "ray" and distributed["schedule"] == "async"
+    assert distributed["test_accuracy"] >= local["test_accuracy"] - 0.02
+    for stage in distributed["stages"]:
+        assert {"steps", "busy_fraction", "mean_staleness", "dropped_targets", "sg_loss", "sg_cosine"} <= stage.keys()
+        assert 0.0 < stage["busy_fraction"] <= 1.0
+        assert stage["steps"] == distributed["steps"]
+    assert distributed["stages"][0]["sg_cosine"] > 0.2
+    # clean shutdown: every CPU of the session is free again (actors and placement group gone;
+    # Ray releases them asynchronously)
+    assert _wait_for(lambda: ray.available_resources().get("CPU") == 2, seconds=20)
+
+
+def test_a_slowed_stage_keeps_the_other_flat_and_every_step_runs_once(tmp_path) -> None:
+    from dni_dist.builder import load_data
+
+    cfg = config(*RAY, "segments=2", "epochs=6", "dist.slow_stage=1", "dist.slow_seconds=0.01")
+    run = RayRun(cfg, load_data(cfg))
+    try:
+        for epoch in range(cfg.epochs):
+            run.train_epoch(epoch)
+        summaries = run.stage_summaries()
+    finally:
+        run.close()
+    steps = cfg.epochs * (1347 // 64)
+    fast = [epoch[0] for epoch in run.epoch_reports]
+    assert max(r["max_pending"] for r in fast) <= cfg.dist.max_in_flight
+    assert max(r["max_queued"] for r in fast) <= 2 * cfg.dist.capacity + 1
+    # memory of the fast stage stays flat while it waits on the slow one (after warm-up)
+    assert fast[-1]["rss_bytes"] - fast[1]["rss_bytes"] < 16 * 2**20
+    for s in summaries:
+        assert s["steps"] == steps and s["dropped_targets"] == 0 and s["evicted_steps"] == 0
+    assert summaries[0]["sg_updates"] == steps
+    assert summaries[1]["busy_fraction"] > summaries[0]["busy_fraction"]  # the slow stage is the bottleneck
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("segments", [3, 4])
+def test_async_k3_k4_reach_the_local_accuracy_band(tmp_path, segments: int) -> None:
+    local = train(config(f"segments={segments}", f"out={tmp_path / 'local'}"))
+    distributed = train(config(*RAY, f"segments={segments}", f"out={tmp_path / 'ray'}"))
+    assert distributed["test_accuracy"] >= local["test_accuracy"] - 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["backprop", "sg-prop", "fa", "dfa", "kickback"])
+def test_every_method_runs_on_the_engine(tmp_path, method: str) -> None:
+    summary = train(config(*RAY, f"method={method}", "segments=3", "epochs=3", f"out={tmp_path}"))
+    assert summary["test_accuracy"] > 0.5
+    assert all(s["steps"] == summary["steps"] and s["dropped_targets"] == 0 for s in summary["stages"])
