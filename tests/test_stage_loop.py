@@ -41,7 +41,7 @@ def test_lockstep_loop_equals_the_local_engine(overrides: tuple[str, ...]) -> No
 
 @pytest.mark.parametrize("overrides", CASES, ids=lambda c: "-".join(v.split("=")[1] for v in c))
 def test_async_loop_processes_every_step_once(overrides: tuple[str, ...]) -> None:
-    stages, reports, data = run_threaded(config(*overrides), "async", epochs=2)
+    stages, _, data = run_threaded(config(*overrides), "async", epochs=2)
     steps = 2 * (len(data.x_train) // 64)
     for stage in stages:
         s = stage.stats

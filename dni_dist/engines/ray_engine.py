@@ -9,6 +9,7 @@ message about 0.1 ms). With no Ray address it starts an embedded local Ray; with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 from typing import Any
@@ -217,10 +218,8 @@ class RayRun:
     def close(self) -> None:
         """Stop every actor and free every port, whatever state the run is in."""
         if self.actors and not self._in_epoch:
-            try:
+            with contextlib.suppress(Exception):  # a dead or hung actor is killed below anyway
                 ray.get([a.close.remote() for a in self.actors], timeout=30)
-            except Exception:  # a dead or hung actor is killed below anyway
-                pass
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []

@@ -107,10 +107,7 @@ class StageLoop:
                     msg = self.transport.recv(self.timeout)
             else:
                 busy = stage.locked and stage.pending_steps > 0
-                if held and not busy:
-                    msg = held.popleft()
-                else:
-                    msg = self.transport.recv(self.timeout)
+                msg = held.popleft() if held and not busy else self.transport.recv(self.timeout)
                 if msg.kind is Kind.ACTIVATION:
                     # A locked stage finishes its step first (its update would change the
                     # weights under the next step's graph). Direct errors make this real:
