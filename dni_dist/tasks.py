@@ -29,8 +29,10 @@ class Task:
         return self.n_outputs
 
     def context(self, y: torch.Tensor) -> torch.Tensor:
-        if self.kind == "classification":
+        if self.kind == "classification" and self.n_outputs > 1:
             return F.one_hot(y.long(), self.n_outputs).float()
+        if self.kind == "classification":  # binary, one logit: the 0/1 label itself
+            return y.float().view(-1, 1)
         return y.float()
 
     def loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -39,11 +41,12 @@ class Task:
             if self.n_outputs == 1:
                 return F.binary_cross_entropy_with_logits(output.squeeze(1), y.float())
             return F.cross_entropy(output, y.long())
-        target = self.context(y) if self.kind == "classification" else y.float()
+        target = self.context(y)
         return 0.5 * (output - target).pow(2).sum(1).mean()
 
     def correct(self, output: torch.Tensor, y: torch.Tensor) -> int:
         """Number of correct predictions (classification only)."""
-        if self.n_outputs == 1:
-            return int(((output.squeeze(1) > 0).long() == y.long()).sum())
+        if self.n_outputs == 1:  # a logit under log loss, a 0/1 regression under MSE
+            threshold = 0.0 if self.loss_name == "log" else 0.5
+            return int(((output.squeeze(1) > threshold).long() == y.long()).sum())
         return int((output.argmax(1) == y.long()).sum())

@@ -70,3 +70,18 @@ def test_deep_linear_mse_linear_sg_reaches_backprops_optimum() -> None:
     bp_loss, _ = _final_train_loss("backprop")
     assert (bp_loss - optimum) / optimum < 1e-4
     assert (sg_loss - optimum) / optimum < 1e-3
+
+
+@pytest.mark.parametrize("loss", ["log", "mse"])
+def test_conditioned_sg_trains_binary_artificial_data(tmp_path, loss: str) -> None:
+    summary = train(
+        config(
+            "data.name=artificial",
+            "data.dim=100",
+            "data.samples=2000",
+            f"data.loss={loss}",
+            "epochs=5",
+            f"out={tmp_path}",
+        )
+    )
+    assert summary["test_accuracy"] > 0.85
