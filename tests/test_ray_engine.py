@@ -131,3 +131,17 @@ def test_every_method_runs_on_the_engine(tmp_path, method: str) -> None:
     summary = train(config(*RAY, f"method={method}", "segments=3", "epochs=3", f"out={tmp_path}"))
     assert summary["test_accuracy"] > 0.5
     assert all(s["steps"] == summary["steps"] and s["dropped_targets"] == 0 for s in summary["stages"])
+
+
+@pytest.mark.parametrize(
+    ("transport", "message"),
+    [("nccl", "transport=nccl needs one GPU per stage"), ("grpc", "transport='grpc' is not available yet")],
+)
+def test_transport_that_cannot_run_here_is_a_one_line_config_error(transport: str, message: str) -> None:
+    from dni_dist.builder import load_data
+    from dni_dist.errors import ConfigError
+
+    cfg = config(*RAY, f"transport={transport}")
+    with pytest.raises(ConfigError, match=message):
+        RayRun(cfg, load_data(cfg))
+    assert _wait_for(lambda: ray.available_resources().get("CPU") == 2, seconds=20)

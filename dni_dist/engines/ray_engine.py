@@ -122,6 +122,18 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _gpus_per_stage(gpus: float, stages: int, transport: str) -> float:
+    """One GPU per stage when there are enough; else stages share what there is over gloo
+    on host copies (NCCL refuses two ranks on one GPU); else CPU only."""
+    if gpus >= stages:
+        return 1.0
+    if transport == "nccl":
+        raise ConfigError(
+            f"transport=nccl needs one GPU per stage ({stages}), the cluster has {gpus:g}; use transport=gloo"
+        )
+    return gpus / stages if gpus > 0 else 0.0
+
+
 def connect_ray(config: TrainConfig) -> bool:
     """Join the configured cluster, or start an embedded one. True if we started it."""
     if ray.is_initialized():
@@ -156,14 +168,10 @@ class RayRun:
         cfg = self.config
         k = cfg.segments
         resources = ray.cluster_resources()
-        use_gpu = resources.get("GPU", 0) >= k
-        if cfg.transport == "nccl" and not use_gpu:
-            raise ConfigError(
-                f"transport=nccl needs one GPU per stage ({k}), the cluster has {resources.get('GPU', 0):g}; "
-                "use transport=gloo"
-            )
+        gpus_per_stage = _gpus_per_stage(resources.get("GPU", 0), k, cfg.transport)
+        use_gpu = gpus_per_stage > 0
         cpus = cfg.dist.cpus_per_stage or (1.0 if use_gpu else min(1.0, resources.get("CPU", 1) / k))
-        bundle = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
+        bundle = {"CPU": cpus, **({"GPU": gpus_per_stage} if use_gpu else {})}
         strategy = "STRICT_SPREAD" if cfg.dist.placement == "spread" else "PACK"
         self.pg = placement_group([bundle] * k, strategy=strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=cfg.dist.timeout)
@@ -177,7 +185,7 @@ class RayRun:
             self.actors.append(
                 worker.options(
                     num_cpus=cpus,
-                    num_gpus=1 if use_gpu else 0,
+                    num_gpus=gpus_per_stage,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
                 ).remote(cfg, i, self.dataset.input_shape, task, use_gpu)
             )
