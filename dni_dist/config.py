@@ -91,6 +91,9 @@ class DistConfig:
     # points of accuracy, 8 steps diverge (see benchmarks/RESULTS.md). 2 keeps two stages
     # working at once with targets at most about one step old.
     max_in_flight: int = 2
+    # gRPC transport: address to listen on (loopback unless told otherwise) and chunk size.
+    grpc_bind: str = "127.0.0.1"
+    chunk_bytes: int = 1 << 20
     # Test hook: stage ``slow_stage`` sleeps ``slow_seconds`` extra per input (-1 = none).
     slow_stage: int = -1
     slow_seconds: float = 0.0
@@ -164,6 +167,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "dist.timeout": (1.0, None),
     "dist.capacity": (1, 4096),
     "dist.max_in_flight": (1, 4096),
+    "dist.chunk_bytes": (1024, 1 << 30),
     "dist.slow_stage": (-1, 64),
     "dist.slow_seconds": (0.0, 60.0),
 }

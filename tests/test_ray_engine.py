@@ -50,19 +50,21 @@ def _local_states(overrides: tuple[str, ...], epochs: int) -> list[dict[str, dic
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "transport"),
     [
-        ("method=sg", "sg.target=true", "segments=3"),
-        ("method=sg", "sg.target=bootstrap", "segments=3"),
-        ("method=backprop", "segments=2"),
+        (("method=sg", "sg.target=true", "segments=3"), "gloo"),
+        (("method=sg", "sg.target=bootstrap", "segments=3"), "gloo"),
+        (("method=backprop", "segments=2"), "gloo"),
+        (("method=sg", "sg.target=true", "segments=3"), "grpc"),
+        (("method=backprop", "segments=2"), "grpc"),
     ],
-    ids=["sg-true", "sg-bootstrap", "backprop"],
+    ids=["sg-true-gloo", "sg-bootstrap-gloo", "backprop-gloo", "sg-true-grpc", "backprop-grpc"],
 )
-def test_lockstep_over_gloo_ends_with_the_local_engines_parameters(overrides: tuple[str, ...]) -> None:
+def test_lockstep_ends_with_the_local_engines_parameters(overrides: tuple[str, ...], transport: str) -> None:
     """The sacred test: same order of events, so the same numbers (net and SG)."""
     from dni_dist.builder import load_data
 
-    cfg = config(*overrides, *RAY, "dist.schedule=lockstep")
+    cfg = config(*overrides, *RAY, f"transport={transport}", "dist.schedule=lockstep")
     run = RayRun(cfg, load_data(cfg))
     try:
         run.train_epoch(0)
@@ -79,9 +81,10 @@ def test_lockstep_over_gloo_ends_with_the_local_engines_parameters(overrides: tu
                 torch.testing.assert_close(got[part][name], want[part][name], msg=f"{part}.{name}")
 
 
-def test_async_k2_reaches_the_local_accuracy_band(tmp_path) -> None:
+@pytest.mark.parametrize("transport", ["gloo", "grpc"])
+def test_async_k2_reaches_the_local_accuracy_band(tmp_path, transport: str) -> None:
     local = train(config(f"out={tmp_path / 'local'}"))
-    distributed = train(config(*RAY, "segments=2", f"out={tmp_path / 'ray'}"))
+    distributed = train(config(*RAY, f"transport={transport}", "segments=2", f"out={tmp_path / 'ray'}"))
     assert distributed["runtime"] == "ray" and distributed["schedule"] == "async"
     assert distributed["test_accuracy"] >= local["test_accuracy"] - 0.02
     for stage in distributed["stages"]:
@@ -133,15 +136,11 @@ def test_every_method_runs_on_the_engine(tmp_path, method: str) -> None:
     assert all(s["steps"] == summary["steps"] and s["dropped_targets"] == 0 for s in summary["stages"])
 
 
-@pytest.mark.parametrize(
-    ("transport", "message"),
-    [("nccl", "transport=nccl needs one GPU per stage"), ("grpc", "transport='grpc' is not available yet")],
-)
-def test_transport_that_cannot_run_here_is_a_one_line_config_error(transport: str, message: str) -> None:
+def test_nccl_without_a_gpu_per_stage_is_a_one_line_config_error() -> None:
     from dni_dist.builder import load_data
     from dni_dist.errors import ConfigError
 
-    cfg = config(*RAY, f"transport={transport}")
-    with pytest.raises(ConfigError, match=message):
+    cfg = config(*RAY, "transport=nccl")
+    with pytest.raises(ConfigError, match="transport=nccl needs one GPU per stage"):
         RayRun(cfg, load_data(cfg))
     assert _wait_for(lambda: ray.available_resources().get("CPU") == 2, seconds=20)

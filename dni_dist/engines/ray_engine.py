@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import uuid
 from typing import Any
 
 import ray
@@ -26,7 +27,7 @@ from dni_dist.engines.stage_loop import StageLoop
 from dni_dist.engines.wiring import all_streams, streams_of
 from dni_dist.errors import ConfigError
 from dni_dist.tasks import Task
-from dni_dist.transports.base import Stream
+from dni_dist.transports.base import Stream, Transport
 from dni_dist.transports.torch_dist import TorchDistTransport, free_port, init_groups, shutdown_groups
 
 
@@ -43,7 +44,7 @@ class StageWorker:
         if self.stage.boundary is not None:
             self.stage.boundary.to(self.device)
         self.data: Dataset | None = load_data(config) if index == 0 else None
-        self.transport: TorchDistTransport | None = None
+        self.transport: Transport | None = None
         self.loop: StageLoop | None = None
         self.busy = [0.0, 0.0]  # compute seconds, wall seconds
 
@@ -51,15 +52,42 @@ class StageWorker:
         """Rank 0's node address and a free port there (as Ray Train does)."""
         return ray.util.get_node_ip_address(), free_port()
 
-    def connect(self, address: str, port: int, streams: list[Stream]) -> None:
+    def listen(self, streams: list[Stream], run_id: str) -> str:
+        """gRPC: start this stage's server; returns the address peers should dial."""
+        from dni_dist.transports.grpc_transport import GrpcTransport
+
         cfg = self.config
-        backend = cfg.transport
-        up, down = init_groups(backend, address, port, self.index, cfg.segments, cfg.dist.timeout, self.device)
+        bind = cfg.dist.grpc_bind
+        advertise = ray.util.get_node_ip_address() if bind in ("0.0.0.0", "::", "[::]") else bind
         inbound, outbound = streams_of(self.index, streams)
-        wire = self.device if backend == "nccl" else torch.device("cpu")
-        self.transport = TorchDistTransport(
-            self.index, inbound, outbound, up, down, wire, self.device, cfg.dist.capacity
+        self.transport = GrpcTransport(
+            self.index,
+            inbound,
+            outbound,
+            run_id,
+            bind,
+            advertise,
+            cfg.dist.capacity,
+            self.device,
+            cfg.dist.chunk_bytes,
+            cfg.dist.timeout,
         )
+        return self.transport.address
+
+    def connect(self, streams: list[Stream], address: str = "", port: int = 0, peers: dict[int, str] | None = None):
+        """Join the data plane: torch.distributed at rank 0's address, or the gRPC peers."""
+        cfg = self.config
+        if cfg.transport == "grpc":
+            assert self.transport is not None and peers is not None, "listen() comes first"
+            self.transport.connect(peers)
+        else:
+            backend = cfg.transport
+            up, down = init_groups(backend, address, port, self.index, cfg.segments, cfg.dist.timeout, self.device)
+            inbound, outbound = streams_of(self.index, streams)
+            wire = self.device if backend == "nccl" else torch.device("cpu")
+            self.transport = TorchDistTransport(
+                self.index, inbound, outbound, up, down, wire, self.device, cfg.dist.capacity
+            )
         self.transport.start()
         slow = cfg.dist.slow_seconds if cfg.dist.slow_stage == self.index else 0.0
         self.loop = StageLoop(
@@ -110,7 +138,8 @@ class StageWorker:
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-        shutdown_groups()
+        if self.config.transport != "grpc":
+            shutdown_groups()
 
 
 def _rss_bytes() -> int:
@@ -150,8 +179,6 @@ class RayRun:
     """The driver side: places the actors, wires them up, runs epochs, tears down."""
 
     def __init__(self, config: TrainConfig, dataset: Dataset) -> None:
-        if config.transport == "grpc":
-            raise ConfigError("transport='grpc' is not available yet; use transport=gloo (CPU) or nccl (GPUs)")
         self.config = config
         self.dataset = dataset
         self.started_ray = connect_ray(config)
@@ -192,8 +219,14 @@ class RayRun:
         plan = plan_model(cfg, self.dataset.input_shape, task)
         direct = cfg.method in ("dfa", "kickback")
         streams = all_streams(k, plan.cut_shapes, cfg.data.batch_size, task, direct)
-        address, port = ray.get(self.actors[0].rendezvous.remote())
-        ray.get([a.connect.remote(address, port, streams) for a in self.actors], timeout=cfg.dist.timeout)
+        if cfg.transport == "grpc":
+            run_id = uuid.uuid4().hex  # a stage refuses streams from any other run
+            addresses = ray.get([a.listen.remote(streams, run_id) for a in self.actors], timeout=cfg.dist.timeout)
+            peers = dict(enumerate(addresses))
+            ray.get([a.connect.remote(streams, peers=peers) for a in self.actors], timeout=cfg.dist.timeout)
+        else:
+            address, port = ray.get(self.actors[0].rendezvous.remote())
+            ray.get([a.connect.remote(streams, address, port) for a in self.actors], timeout=cfg.dist.timeout)
         self.steps_per_epoch = len(self.dataset.x_train) // cfg.data.batch_size
         self.step = 0
         self.epoch_reports: list[list[dict[str, Any]]] = []

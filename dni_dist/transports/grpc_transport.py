@@ -1,0 +1,195 @@
+"""gRPC streams between stages, for links where NCCL cannot go (across clusters, clouds).
+
+Each stage serves the ``Stage`` service of proto/dni.proto on its own port (loopback by
+default). For each outbound stream a stage opens one bidirectional ``Exchange`` call to
+the receiver: a handshake first (protocol version, run id, stream, tensor shapes and
+dtypes), then every message as frames of about 1 MiB. The receiver acknowledges a message
+once its bounded queue has taken it; a sender keeps at most ``capacity`` messages
+unacknowledged, so a slow receiver blocks its sender exactly as the engine's queues do.
+CUDA tensors travel as host copies.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import torch
+
+from dni_dist.messages import Message
+from dni_dist.transports.base import Stream, Transport, TransportError
+from dni_dist.wire import dni_pb2 as pb
+from dni_dist.wire import dni_pb2_grpc as pb_grpc
+from dni_dist.wire.codec import CHUNK_BYTES, Assembler, WireError, check_handshake, handshake, message_frames
+
+_MAX_MESSAGE = 16 * 2**20  # a frame is about one chunk; leave room for headers and labels
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+]
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_END = object()
+
+
+class StageServicer(pb_grpc.StageServicer):
+    """The receiving side: checks each stream's handshake and frames, then delivers
+    whole messages through ``deliver`` (which blocks while the stage's queue is full)."""
+
+    def __init__(self, rank: int, run_id: str, inbound: dict[int, Stream], deliver) -> None:
+        self.rank = rank
+        self.run_id = run_id
+        self.inbound = inbound
+        self.deliver = deliver
+
+    def _open(self, requests: Iterator[pb.Frame], context: grpc.ServicerContext) -> Stream:
+        try:
+            first = next(requests)
+            return check_handshake(first, self.inbound, self.rank, self.run_id)
+        except StopIteration:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before its handshake")
+        except WireError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        raise AssertionError("unreachable: abort raises")
+
+    def Exchange(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext) -> Iterator[pb.Ack]:
+        stream = self._open(request_iterator, context)
+        yield pb.Ack(step=-1, ok=True)
+        assembler = Assembler(stream)
+        for frame in request_iterator:
+            try:
+                msg = assembler.feed(frame)
+            except WireError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if msg is not None:
+                self.deliver(msg)
+                yield pb.Ack(step=msg.step, ok=True)
+
+    def Push(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext) -> pb.Ack:
+        stream = self._open(request_iterator, context)
+        assembler = Assembler(stream)
+        last = -1
+        for frame in request_iterator:
+            try:
+                msg = assembler.feed(frame)
+            except WireError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if msg is not None:
+                self.deliver(msg)
+                last = msg.step
+        return pb.Ack(step=last, ok=True)
+
+
+class _Outbound:
+    """One Exchange call: frames go into a queue its request iterator drains."""
+
+    def __init__(self, channel: grpc.Channel, stream: Stream, run_id: str, timeout: float) -> None:
+        self.channel = channel
+        self.frames: queue.Queue = queue.Queue(maxsize=64)
+        self.frames.put(handshake(stream, run_id))
+        self.acks = pb_grpc.StageStub(channel).Exchange(self._requests())
+        self.unacked = 0
+        self.timeout = timeout
+        ack = self.next_ack()
+        if not ack.ok:
+            raise TransportError(f"stream {stream.name}: handshake refused: {ack.error}")
+
+    def _requests(self) -> Iterator[pb.Frame]:
+        while (frame := self.frames.get()) is not _END:
+            yield frame
+
+    def next_ack(self) -> pb.Ack:
+        try:
+            return next(self.acks)
+        except grpc.RpcError as exc:
+            raise TransportError(f"peer refused the stream: {exc.code().name}: {exc.details()}") from None
+
+    def close(self) -> None:
+        self.frames.put(_END)
+        self.acks.cancel()
+        self.channel.close()
+
+
+class GrpcTransport(Transport):
+    def __init__(
+        self,
+        rank: int,
+        inbound: list[Stream],
+        outbound: list[Stream],
+        run_id: str,
+        bind_host: str = "127.0.0.1",
+        advertise_host: str | None = None,
+        capacity: int = 4,
+        compute_device: torch.device | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+        timeout: float = 300.0,
+    ) -> None:
+        super().__init__(rank, inbound, outbound, capacity)
+        self.run_id = run_id
+        self.chunk_bytes = chunk_bytes
+        self.timeout = timeout
+        self.compute_device = compute_device or torch.device("cpu")
+        self._delivered = {src: queue.Queue(maxsize=capacity) for src in self.inbound}
+        self._outbound: dict[int, _Outbound] = {}
+        if bind_host not in LOOPBACK:
+            print(
+                f"dni-dist: warning: gRPC stage {rank} listens on {bind_host} without TLS or a token; "
+                "use it only on a trusted network",
+                file=sys.stderr,
+            )
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=len(inbound) + 4), options=SERVER_OPTIONS)
+        servicer = StageServicer(rank, run_id, self.inbound, self._deliver)
+        pb_grpc.add_StageServicer_to_server(servicer, self.server)
+        port = self.server.add_insecure_port(f"{bind_host}:0")
+        if port == 0:
+            raise TransportError(f"stage {rank}: could not listen on {bind_host}")
+        self.server.start()
+        self.address = f"{advertise_host or bind_host}:{port}"
+        self._lock = threading.Lock()
+
+    def _deliver(self, msg: Message) -> None:
+        self._delivered[msg.src].put(msg)  # blocks when full: no ack until there is room
+
+    def connect(self, peers: dict[int, str]) -> None:
+        """Open the outbound streams (handshakes included) to the peers' servers."""
+        for dst, stream in self.outbound.items():
+            channel = grpc.insecure_channel(peers[dst], options=CHANNEL_OPTIONS)
+            grpc.channel_ready_future(channel).result(timeout=self.timeout)
+            self._outbound[dst] = _Outbound(channel, stream, self.run_id, self.timeout)
+
+    def _send_one(self, stream: Stream, msg: Message) -> None:
+        out = self._outbound[stream.dst]
+        while out.unacked >= self.capacity:
+            ack = out.next_ack()
+            if not ack.ok:
+                raise TransportError(f"stream {stream.name}: step {ack.step} refused: {ack.error}")
+            out.unacked -= 1
+        for frame in message_frames(msg, self.chunk_bytes):
+            out.frames.put(frame)
+        out.unacked += 1
+
+    def _receive_one(self, stream: Stream) -> Message:
+        msg = self._delivered[stream.src].get()
+        if self.compute_device.type != "cpu":
+            msg.tensor = msg.tensor.to(self.compute_device)
+            msg.labels = None if msg.labels is None else msg.labels.to(self.compute_device)
+        return msg
+
+    def close(self) -> None:
+        super().close()
+        for out in self._outbound.values():
+            out.close()
+        self.server.stop(grace=1.0)
