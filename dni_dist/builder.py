@@ -14,10 +14,10 @@ from dni_dist.data import Dataset, load_dataset
 from dni_dist.errors import ConfigError
 from dni_dist.feedback import to_feedback_alignment
 from dni_dist.methods import build_boundary
-from dni_dist.models import ModelSpec, build_model
+from dni_dist.models import build_model
 from dni_dist.partition import partition
 from dni_dist.stage import Stage
-from dni_dist.synthetic import SGSpec, build_sg
+from dni_dist.synthetic import build_sg
 from dni_dist.tasks import Task
 
 
@@ -63,9 +63,7 @@ class Plan:
 def plan_model(config: TrainConfig, input_shape: tuple[int, ...], task: Task) -> Plan:
     torch.manual_seed(config.seed)
     m = config.model
-    model = build_model(
-        ModelSpec(m.kind, m.depth, m.width, m.activation, m.batch_norm, m.channels), input_shape, task.n_outputs
-    )
+    model = build_model(m, input_shape, task.n_outputs)
     if config.method == "fa":
         to_feedback_alignment(model, seed=config.seed + 7)
     n_blocks = len(model)
@@ -97,9 +95,7 @@ def build_stages(config: TrainConfig, input_shape: tuple[int, ...], task: Task, 
         if k < k_total - 1:
             sg = None
             if config.method in ("sg", "sg-prop"):
-                s = config.sg
-                spec = SGSpec(s.kind, s.conditioned, s.wrapper, s.hidden, s.hidden_layers, s.rank, s.scale)
-                sg = build_sg(spec, plan.cut_shapes[k], task.context_dim, where=f"cut {k + 1}")
+                sg = build_sg(config.sg, plan.cut_shapes[k], task.context_dim, where=f"cut {k + 1}")
             boundary = build_boundary(
                 config.method, sg, plan.cut_shapes[k], task.n_outputs, config.seed * 31 + k, config.sg_prop_alpha
             )

@@ -19,9 +19,9 @@ import yaml
 from dni_dist.data import DATASETS
 from dni_dist.errors import ConfigError
 from dni_dist.methods import METHODS
-from dni_dist.models import ACTIVATIONS, MODEL_KINDS
+from dni_dist.models import ACTIVATIONS, MODEL_KINDS, ModelSpec
 from dni_dist.stage import TARGET_MODES
-from dni_dist.synthetic import SG_KINDS, WRAPPERS
+from dni_dist.synthetic import SG_KINDS, WRAPPERS, SGSpec
 
 RUNTIMES = ("local", "ray")
 TRANSPORTS = ("gloo", "nccl", "grpc")
@@ -29,24 +29,9 @@ OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
-class ModelConfig:
-    kind: str = "mlp"
-    depth: int = 3
-    width: int = 256
-    activation: str = "relu"
-    batch_norm: bool = False
-    channels: int = 32
+class SGConfig(SGSpec):
+    """The SG module (SGSpec's fields) and how it is trained."""
 
-
-@dataclass
-class SGConfig:
-    kind: str = "linear"
-    conditioned: bool = True
-    wrapper: str = "none"
-    hidden: int = 256
-    hidden_layers: int = 2
-    rank: int = 16
-    scale: float = 1.0
     target: str = "true"
     target_lambda: float = 0.5
     lr: float = 1e-3
@@ -112,7 +97,7 @@ class TrainConfig:
     update_prob: float = 1.0
     sg_prop_alpha: float = 1.0
     log_every: int = 50
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
     sg: SGConfig = field(default_factory=SGConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -18,8 +18,10 @@ MODEL_KINDS: tuple[str, ...] = ("mlp", "linear", "deep_linear", "cnn")
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelSpec:
+    """The model to build; also the ``model`` section of the run config."""
+
     kind: str = "mlp"
     depth: int = 3
     width: int = 256

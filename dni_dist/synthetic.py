@@ -33,7 +33,7 @@ SG_KINDS: tuple[str, ...] = ("linear", "lowrank", "mlp", "conv")
 WRAPPERS: tuple[str, ...] = ("none", "sigmoid", "softmax")
 
 
-@dataclass(frozen=True)
+@dataclass
 class SGSpec:
     """What SG to put at a cut; shapes come from the model, not from here."""
 

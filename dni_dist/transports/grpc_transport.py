@@ -65,31 +65,29 @@ class StageServicer(pb_grpc.StageServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         raise AssertionError("unreachable: abort raises")
 
+    def _messages(self, requests: Iterator[pb.Frame], context: grpc.ServicerContext, stream: Stream) -> Iterator[int]:
+        """Assemble, check and deliver each message; yields its step once delivered."""
+        assembler = Assembler(stream)
+        for frame in requests:
+            try:
+                msg = assembler.feed(frame)
+            except WireError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if msg is not None:
+                self.deliver(msg)
+                yield msg.step
+
     def Exchange(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext) -> Iterator[pb.Ack]:
         stream = self._open(request_iterator, context)
         yield pb.Ack(step=-1, ok=True)
-        assembler = Assembler(stream)
-        for frame in request_iterator:
-            try:
-                msg = assembler.feed(frame)
-            except WireError as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            if msg is not None:
-                self.deliver(msg)
-                yield pb.Ack(step=msg.step, ok=True)
+        for step in self._messages(request_iterator, context, stream):
+            yield pb.Ack(step=step, ok=True)
 
     def Push(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext) -> pb.Ack:
         stream = self._open(request_iterator, context)
-        assembler = Assembler(stream)
         last = -1
-        for frame in request_iterator:
-            try:
-                msg = assembler.feed(frame)
-            except WireError as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            if msg is not None:
-                self.deliver(msg)
-                last = msg.step
+        for last in self._messages(request_iterator, context, stream):  # noqa: B007 (the last one is the answer)
+            pass
         return pb.Ack(step=last, ok=True)
 
 
