@@ -82,7 +82,12 @@ def test_ray_job_submit_runs_the_cli_on_a_cluster(tmp_path) -> None:
             "--set",
             "dist.cpus_per_stage=0.5",
         ]
-        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        deadline = time.monotonic() + 120
+        while True:  # the job agent comes up after the dashboard; until then submits are refused
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stderr + job.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(3)
         assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["runtime"] == "ray" and summary["epochs"] == 2 and summary["test_accuracy"] > 0.5
