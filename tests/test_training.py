@@ -85,3 +85,20 @@ def test_conditioned_sg_trains_binary_artificial_data(tmp_path, loss: str) -> No
         )
     )
     assert summary["test_accuracy"] > 0.85
+
+
+@pytest.mark.parametrize("method", ["sg", "fa"])
+def test_cnn_with_a_conv_sg_or_conv_feedback_alignment_trains_digits(tmp_path, method: str) -> None:
+    summary = train(
+        config(
+            f"method={method}",
+            "model.kind=cnn",
+            "model.batch_norm=true",
+            "sg.kind=conv",
+            "sg.hidden=32",
+            "epochs=3",
+            f"out={tmp_path}",
+        )
+    )
+    assert summary["stages"][0]["parameters"] == 19008  # the cut sits after the two conv blocks
+    assert summary["test_accuracy"] > 0.9
