@@ -34,7 +34,9 @@ def make_optimizer(
 
 def load_data(config: TrainConfig) -> Dataset:
     d = config.data
-    dataset = load_dataset(d.name, config.seed, d.path, d.download, d.task, d.dim, d.labels, d.samples, d.outputs)
+    dataset = load_dataset(
+        d.name, config.seed, d.path, d.download, d.task, d.dim, d.labels, d.samples, d.outputs, d.grid
+    )
     loss = d.loss
     # Softmax errors sum to zero per example, so Kickback's signal e 1^T vanishes under log
     # loss (only round-off is left, which Adam amplifies into drift). Its paper used a

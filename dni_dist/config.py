@@ -50,6 +50,7 @@ class DataConfig:
     labels: str = "separable"
     samples: int = 1000
     outputs: int = 1
+    grid: bool = False
 
 
 @dataclass

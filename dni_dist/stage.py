@@ -55,6 +55,11 @@ class StageStats:
     """Running counters of one stage; ``summary()`` is what summary.json reports."""
 
     steps: int = 0
+    # What each update of the segment waited for (the unified table's locking, measured):
+    # nothing (unlocked), the gradient from the stage above, or the output error from the top.
+    updates_without_waiting: int = 0
+    updates_after_grad: int = 0
+    updates_after_error: int = 0
     updates: int = 0
     skipped_updates: int = 0
     dropped_targets: int = 0
@@ -71,6 +76,9 @@ class StageStats:
         return {
             "steps": self.steps,
             "updates": self.updates,
+            "updates_without_waiting": self.updates_without_waiting,
+            "updates_after_grad": self.updates_after_grad,
+            "updates_after_error": self.updates_after_error,
             "skipped_updates": self.skipped_updates,
             "dropped_targets": self.dropped_targets,
             "evicted_steps": self.evicted_steps,
@@ -163,6 +171,7 @@ class Stage:
         want_bootstrap = self.index > 0 and self.target_mode != "true"
         input_grad = self._apply(pending, signal, want_input_grad=want_bootstrap, keep_graph=self._stash)
         pending.updated = True
+        self.stats.updates_without_waiting += 1
         out = []
         if input_grad is not None:
             out.append(Message(Kind.BOOTSTRAP, step, self.index, self.index - 1, input_grad))
@@ -262,6 +271,10 @@ class Stage:
             self._train_sg(pending, msg.tensor)
         send_down = self.index > 0 and boundary.waits_for == "grad"
         input_grad = self._apply(pending, signal, want_input_grad=send_down, keep_graph=False)
+        if msg.kind is Kind.ERROR:
+            self.stats.updates_after_error += 1
+        else:
+            self.stats.updates_after_grad += 1
         del self._pending[msg.step]
         if input_grad is None:
             return []

@@ -24,7 +24,7 @@ def load_dataset(
     labels: str = "separable",
     samples: int = 1000,
     outputs: int = 1,
-    loss: str = "",
+    grid: bool = False,
 ) -> Dataset:
     if name == "digits":
         return load_digits(seed)
@@ -33,5 +33,5 @@ def load_dataset(
     if name == "cifar10":
         return load_cifar10(path)
     if name == "artificial":
-        return make_artificial(task, dim, labels, samples, seed, outputs, loss)
+        return make_artificial(task, dim, labels, samples, seed, outputs, grid)
     raise ConfigError(f"dataset={name!r} is unknown; use one of {', '.join(DATASETS)}")
