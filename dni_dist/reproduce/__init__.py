@@ -1,0 +1,46 @@
+"""``dni-dist reproduce NAME``: the paper's experiments as figures and numbers.
+
+Each experiment module has ``FINDING`` (the paper's claim in one sentence) and
+``run(out, quick) -> dict`` writing ``OUT/NAME.json`` and its PNG figures. They run on the
+local engine: the reproductions test the method, not the runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dni_dist.reproduce import artificial, curves, family, loss_shape, representations, stochastic
+
+EXPERIMENTS: dict[str, Any] = {
+    "artificial": artificial,
+    "loss-shape": loss_shape,
+    "curves": curves,
+    "representations": representations,
+    "family": family,
+    "stochastic-updates": stochastic,
+}
+
+
+def reproduce(
+    name: str, out: Path, quick: bool, data_dir: str | None = None, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Run one experiment, or ``all`` of them plus ``OUT/report.md``."""
+    from dni_dist.errors import ConfigError
+
+    names = list(EXPERIMENTS) if name == "all" else [name]
+    if any(n not in EXPERIMENTS for n in names):
+        raise ConfigError(f"experiment {name!r} is unknown; use one of {', '.join(EXPERIMENTS)} or all")
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for n in names:
+        if progress:
+            progress(n)
+        module = EXPERIMENTS[n]
+        results[n] = module.run(out, quick, data_dir) if n == "curves" else module.run(out, quick)
+    if name == "all":
+        from dni_dist.reproduce.report import write_report
+
+        write_report(results, out, quick)
+    return results
