@@ -74,7 +74,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     reproduce(args.name, out, args.quick, args.data_dir, progress=lambda n: print(f"reproducing {n} ...", flush=True))
-    written = "report.md and " if args.name == "all" else ""
+    written = "report.md and " if args.name in ("all", "report") else ""
     print(f"wrote {written}the JSON and PNG files in {out}")
     return 0
 

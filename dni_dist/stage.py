@@ -42,11 +42,9 @@ class _Pending:
 
     x: torch.Tensor
     h: torch.Tensor
-    labels: torch.Tensor
     context: torch.Tensor
     params: list[torch.Tensor]  # the tensors h's graph was built from (module params or a stash)
     forward_at: int
-    updated: bool = False
     bootstrap: torch.Tensor | None = None
 
 
@@ -155,7 +153,7 @@ class Stage:
         if self.is_top:
             out = self._top_step(step, x, h, labels, params)
         else:
-            self._pending[step] = _Pending(x, h, labels, context, params, self._clock)
+            self._pending[step] = _Pending(x, h, context, params, self._clock)
             self._evict_stale()
             out = [Message(Kind.ACTIVATION, step, self.index, self.index + 1, h.detach(), labels)]
         self.stats.compute_seconds += time.perf_counter() - started
@@ -170,7 +168,6 @@ class Stage:
         signal = self.boundary.signal(pending.h, pending.context, None)
         want_bootstrap = self.index > 0 and self.target_mode != "true"
         input_grad = self._apply(pending, signal, want_input_grad=want_bootstrap, keep_graph=self._stash)
-        pending.updated = True
         self.stats.updates_without_waiting += 1
         out = []
         if input_grad is not None:

@@ -7,6 +7,7 @@ local engine: the reproductions test the method, not the runtime.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,21 @@ EXPERIMENTS: dict[str, Any] = {
 def reproduce(
     name: str, out: Path, quick: bool, data_dir: str | None = None, progress: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
-    """Run one experiment, or ``all`` of them plus ``OUT/report.md``."""
+    """Run one experiment, or ``all`` of them plus ``OUT/report.md``; ``report`` rebuilds
+    the report from the JSON files already in OUT (after re-running one experiment)."""
     from dni_dist.errors import ConfigError
+    from dni_dist.reproduce.report import write_report
 
+    if name == "report":
+        found = {n: out / f"{n}.json" for n in EXPERIMENTS if (out / f"{n}.json").exists()}
+        if not found:
+            raise ConfigError(f"no experiment results (NAME.json) in {out}; run `dni-dist reproduce all` first")
+        results = {n: json.loads(path.read_text()) for n, path in found.items()}
+        write_report(results, out, quick=bool(results[next(iter(results))].get("quick", False)))
+        return results
     names = list(EXPERIMENTS) if name == "all" else [name]
     if any(n not in EXPERIMENTS for n in names):
-        raise ConfigError(f"experiment {name!r} is unknown; use one of {', '.join(EXPERIMENTS)} or all")
+        raise ConfigError(f"experiment {name!r} is unknown; use one of {', '.join(EXPERIMENTS)}, all or report")
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for n in names:
@@ -40,7 +50,5 @@ def reproduce(
         module = EXPERIMENTS[n]
         results[n] = module.run(out, quick, data_dir) if n == "curves" else module.run(out, quick)
     if name == "all":
-        from dni_dist.reproduce.report import write_report
-
         write_report(results, out, quick)
     return results

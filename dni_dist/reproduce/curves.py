@@ -50,6 +50,7 @@ def run(out: Path, quick: bool, data_dir: str | None = None) -> dict[str, Any]:
     figures = [_plot(results, depths, out)]
     payload = {
         "finding": FINDING,
+        "quick": quick,
         "dataset": dataset[0].split("=")[1],
         "epochs": epochs,
         "results": results,

@@ -82,6 +82,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     figures = [_plot(results, out)]
     payload = {
         "finding": FINDING,
+        "quick": quick,
         "epochs": epochs,
         "results": results,
         "sg_form_vs_classic_max_abs_diff": gaps,

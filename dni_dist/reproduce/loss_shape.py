@@ -90,7 +90,14 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
                 results[key] = {"series": series, "final_train_loss": r.history[-1]["train_loss"]}
                 snapshots[key] = [grids[0], grids[len(grids) // 2], grids[-1]]
     figures = [_plot_grids(snapshots, side, out), _plot_correlations(results, out)]
-    payload = {"finding": FINDING, "epochs": epochs, "grid_side": side, "results": results, "figures": figures}
+    payload = {
+        "finding": FINDING,
+        "quick": quick,
+        "epochs": epochs,
+        "grid_side": side,
+        "results": results,
+        "figures": figures,
+    }
     write_json(out / "loss-shape.json", payload)
     return payload
 

@@ -77,7 +77,14 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
             "weight_norms": weight_norms(r),
         }
     figures = [_plot_rdms(rdms, out), _plot_layers(results, out)]
-    payload = {"finding": FINDING, "epochs": epochs, "points": points, "results": results, "figures": figures}
+    payload = {
+        "finding": FINDING,
+        "quick": quick,
+        "epochs": epochs,
+        "points": points,
+        "results": results,
+        "figures": figures,
+    }
     write_json(out / "representations.json", payload)
     return payload
 

@@ -33,6 +33,6 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     ax.axhline(0.1, color="grey", lw=0.8, ls="--")
     ax.legend()
     figures = [save(fig, out / "stochastic-updates.png")]
-    payload = {"finding": FINDING, "epochs": epochs, "results": results, "figures": figures}
+    payload = {"finding": FINDING, "quick": quick, "epochs": epochs, "results": results, "figures": figures}
     write_json(out / "stochastic-updates.json", payload)
     return payload
