@@ -81,10 +81,15 @@ def test_lockstep_ends_with_the_local_engines_parameters(overrides: tuple[str, .
                 torch.testing.assert_close(got[part][name], want[part][name], msg=f"{part}.{name}")
 
 
+# Accuracy is compared once training has settled (20 epochs): at 10, one async run's
+# timing-dependent staleness moves the result by about a point, as much as a change of seed.
+SETTLED = "epochs=20"
+
+
 @pytest.mark.parametrize("transport", ["gloo", "grpc"])
 def test_async_k2_reaches_the_local_accuracy_band(tmp_path, transport: str) -> None:
-    local = train(config(f"out={tmp_path / 'local'}"))
-    distributed = train(config(*RAY, f"transport={transport}", "segments=2", f"out={tmp_path / 'ray'}"))
+    local = train(config(SETTLED, f"out={tmp_path / 'local'}"))
+    distributed = train(config(*RAY, SETTLED, f"transport={transport}", "segments=2", f"out={tmp_path / 'ray'}"))
     assert distributed["runtime"] == "ray" and distributed["schedule"] == "async"
     assert distributed["test_accuracy"] >= local["test_accuracy"] - 0.02
     for stage in distributed["stages"]:
@@ -123,8 +128,8 @@ def test_a_slowed_stage_keeps_the_other_flat_and_every_step_runs_once(tmp_path) 
 @pytest.mark.slow
 @pytest.mark.parametrize("segments", [3, 4])
 def test_async_k3_k4_reach_the_local_accuracy_band(tmp_path, segments: int) -> None:
-    local = train(config(f"segments={segments}", f"out={tmp_path / 'local'}"))
-    distributed = train(config(*RAY, f"segments={segments}", f"out={tmp_path / 'ray'}"))
+    local = train(config(SETTLED, f"segments={segments}", f"out={tmp_path / 'local'}"))
+    distributed = train(config(*RAY, SETTLED, f"segments={segments}", f"out={tmp_path / 'ray'}"))
     assert distributed["test_accuracy"] >= local["test_accuracy"] - 0.02
 
 
