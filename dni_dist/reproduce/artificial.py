@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dni_dist.reproduce.common import build, figure, fit, save, write_json
+from dni_dist.reproduce.common import build, figure, fit, publish, save
 
 FINDING = (
     "With MSE both linear and deep linear SG models reach the global optimum; with log loss "
@@ -89,16 +89,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
                 row["gap sg sigmoid"] = losses["sg sigmoid"] - losses["backprop"]
             rows.append(row)
     figures = [_plot(rows, out)]
-    result = {
-        "finding": FINDING,
-        "quick": quick,
-        "epochs": epochs,
-        "samples": samples,
-        "rows": rows,
-        "figures": figures,
-    }
-    write_json(out / "artificial.json", result)
-    return result
+    return publish(out, "artificial", FINDING, quick, epochs=epochs, samples=samples, rows=rows, figures=figures)
 
 
 def _plot(rows: list[dict[str, Any]], out: Path) -> str:

@@ -80,5 +80,8 @@ def save(fig: Any, path: Path) -> str:
     return path.name
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(payload, indent=2))
+def publish(out: Path, name: str, finding: str, quick: bool, **numbers: Any) -> dict[str, Any]:
+    """Write ``OUT/NAME.json`` (the finding, the size, the numbers, the figures) and return it."""
+    payload = {"finding": finding, "quick": quick, **numbers}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    return payload

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dni_dist.reproduce.common import build, figure, fit, save, write_json
+from dni_dist.reproduce.common import build, figure, fit, publish, save
 
 FINDING = "SG models converge about as well as backprop, often faster, for ReLU and sigmoid nets of several depths."
 
@@ -48,17 +48,19 @@ def run(out: Path, quick: bool, data_dir: str | None = None) -> dict[str, Any]:
                 )
                 results[f"{activation}/depth {depth}/{name}"] = r.history
     figures = [_plot(results, depths, out)]
-    payload = {
-        "finding": FINDING,
-        "quick": quick,
-        "dataset": dataset[0].split("=")[1],
-        "epochs": epochs,
-        "results": results,
-        "final_test_accuracy": {k: v[-1]["test_accuracy"] for k, v in results.items()},
-        "figures": figures,
-    }
-    write_json(out / "curves.json", payload)
-    return payload
+    final = {k: v[-1]["test_accuracy"] for k, v in results.items()}
+    name = dataset[0].split("=")[1]
+    return publish(
+        out,
+        "curves",
+        FINDING,
+        quick,
+        dataset=name,
+        epochs=epochs,
+        results=results,
+        final_test_accuracy=final,
+        figures=figures,
+    )
 
 
 def _plot(results: dict[str, Any], depths: list[int], out: Path) -> str:

@@ -18,7 +18,7 @@ import torch
 from dni_dist.data import batches
 from dni_dist.feedback import FALinear
 from dni_dist.methods import METHODS
-from dni_dist.reproduce.common import Run, build, figure, fit, save, write_json
+from dni_dist.reproduce.common import Run, build, figure, fit, publish, save
 
 FINDING = (
     "Backprop, SG, SG+prop, FA, DFA and Kickback are all one SG module with a different form, "
@@ -80,16 +80,16 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         }
     gaps = {m: classic_signal_gap(m) for m in ("backprop", "fa", "dfa", "kickback")}
     figures = [_plot(results, out)]
-    payload = {
-        "finding": FINDING,
-        "quick": quick,
-        "epochs": epochs,
-        "results": results,
-        "sg_form_vs_classic_max_abs_diff": gaps,
-        "figures": figures,
-    }
-    write_json(out / "family.json", payload)
-    return payload
+    return publish(
+        out,
+        "family",
+        FINDING,
+        quick,
+        epochs=epochs,
+        results=results,
+        sg_form_vs_classic_max_abs_diff=gaps,
+        figures=figures,
+    )
 
 
 def _plot(results: dict[str, Any], out: Path) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from scipy.stats import spearmanr
 
-from dni_dist.reproduce.common import Run, build, figure, fit, save, write_json
+from dni_dist.reproduce.common import Run, build, figure, fit, publish, save
 
 FINDING = (
     "The loss reconstructed from a linear SG tracks the true loss well for MSE, better near "
@@ -90,16 +90,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
                 results[key] = {"series": series, "final_train_loss": r.history[-1]["train_loss"]}
                 snapshots[key] = [grids[0], grids[len(grids) // 2], grids[-1]]
     figures = [_plot_grids(snapshots, side, out), _plot_correlations(results, out)]
-    payload = {
-        "finding": FINDING,
-        "quick": quick,
-        "epochs": epochs,
-        "grid_side": side,
-        "results": results,
-        "figures": figures,
-    }
-    write_json(out / "loss-shape.json", payload)
-    return payload
+    return publish(out, "loss-shape", FINDING, quick, epochs=epochs, grid_side=side, results=results, figures=figures)
 
 
 def _plot_grids(snapshots: dict[str, list[dict[str, Any]]], side: int, out: Path) -> str:

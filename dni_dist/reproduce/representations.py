@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dni_dist.reproduce.common import Run, build, figure, fit, save, write_json
+from dni_dist.reproduce.common import Run, build, figure, fit, publish, save
 
 FINDING = (
     "Backprop reaches its final representation early and later layers add confidence; with SG the "
@@ -77,16 +77,9 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
             "weight_norms": weight_norms(r),
         }
     figures = [_plot_rdms(rdms, out), _plot_layers(results, out)]
-    payload = {
-        "finding": FINDING,
-        "quick": quick,
-        "epochs": epochs,
-        "points": points,
-        "results": results,
-        "figures": figures,
-    }
-    write_json(out / "representations.json", payload)
-    return payload
+    return publish(
+        out, "representations", FINDING, quick, epochs=epochs, points=points, results=results, figures=figures
+    )
 
 
 def _plot_rdms(rdms: dict[str, list[torch.Tensor]], out: Path) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dni_dist.reproduce.common import build, figure, fit, save, write_json
+from dni_dist.reproduce.common import build, figure, fit, publish, save
 
 FINDING = "cDNI still trains when each layer updates with a probability as low as 5% per step."
 
@@ -33,6 +33,4 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     ax.axhline(0.1, color="grey", lw=0.8, ls="--")
     ax.legend()
     figures = [save(fig, out / "stochastic-updates.png")]
-    payload = {"finding": FINDING, "quick": quick, "epochs": epochs, "results": results, "figures": figures}
-    write_json(out / "stochastic-updates.json", payload)
-    return payload
+    return publish(out, "stochastic-updates", FINDING, quick, epochs=epochs, results=results, figures=figures)
