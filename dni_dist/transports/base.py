@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -163,14 +164,14 @@ class Transport(ABC):
 
     def flush(self, timeout: float) -> None:
         """Wait until every queued message has left this process."""
+        deadline = time.monotonic() + timeout
         for dst, outbox in self._outboxes.items():
-            waited = 0.0
+            # Queue.join() cannot time out; unfinished_tasks is what it waits on.
             while outbox.unfinished_tasks:
                 self._check()
-                if waited > timeout:
+                if time.monotonic() > deadline:
                     raise TransportTimeout(f"rank {self.rank}: stream to {dst} did not drain in {timeout:.0f} s")
-                threading.Event().wait(0.005)
-                waited += 0.005
+                time.sleep(0.002)
 
     @property
     def queued(self) -> int:
