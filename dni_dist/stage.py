@@ -67,6 +67,8 @@ class StageStats:
     sg_cosine_sum: float = 0.0
     staleness_sum: int = 0
     compute_seconds: float = 0.0
+    # Top stage: losses of the steps since an engine last took them (take_losses), so a
+    # long run does not keep one float per step forever.
     losses: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, float | int | None]:
@@ -195,6 +197,11 @@ class Stage:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         self.module.eval()
         return self.module(x)
+
+    def take_losses(self) -> list[float]:
+        """The top stage's per-step losses since the last call, oldest first."""
+        losses, self.stats.losses = self.stats.losses, []
+        return losses
 
     @property
     def pending_steps(self) -> int:

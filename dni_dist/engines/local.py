@@ -38,7 +38,7 @@ class LocalEngine:
                 self._input(stage, msg.step, msg.tensor, msg.labels, queue)
             else:
                 queue.extend(stage.on_message(msg))
-        return self.stages[-1].stats.losses[-1]
+        return self.stages[-1].take_losses()[-1]
 
     @staticmethod
     def _input(stage: Stage, step: int, x: torch.Tensor, y: torch.Tensor, queue: deque[Message]) -> None:

@@ -103,12 +103,11 @@ class StageWorker:
                 (x.to(self.device), y.to(self.device))
                 for x, y in batches(self.data.x_train, self.data.y_train, batch, self.config.seed, epoch)
             )
-        losses_before = len(self.stage.stats.losses)
         report = self.loop.run_epoch(first_step, steps, inputs)
         self.busy[0] += report.compute_seconds
         self.busy[1] += report.wall_seconds
         return {
-            "losses": self.stage.stats.losses[losses_before:],
+            "losses": self.stage.take_losses(),
             "wall_seconds": report.wall_seconds,
             "busy_fraction": report.compute_seconds / report.wall_seconds if report.wall_seconds else 0.0,
             "max_queued": report.max_queued,
