@@ -24,6 +24,10 @@ _FLAGS = {
     "out": "out",
     "address": "dist.address",
     "schedule": "dist.schedule",
+    "metrics_port": "metrics_port",
+    "progress": "progress",
+    "checkpoint_dir": "checkpoint.dir",
+    "checkpoint_every": "checkpoint.every",
 }
 
 
@@ -56,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", help="training epochs")
     train.add_argument("--seed", help="random seed (data split, init, shuffling)")
     train.add_argument("--out", help="output directory (default runs/latest)")
+    train.add_argument("--metrics-port", dest="metrics_port", help="serve Prometheus metrics on this port (0 = off)")
+    train.add_argument("--progress", help="auto | bar | lines | off (auto: a bar on a terminal, else lines)")
+    train.add_argument("--checkpoint-dir", dest="checkpoint_dir", help="write periodic checkpoints here")
+    train.add_argument("--checkpoint-every", dest="checkpoint_every", help="steps between checkpoints (0 = per epoch)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
     train.add_argument("--quiet", action="store_true", help="no per-epoch lines on stdout")
     rep = sub.add_parser("reproduce", help="the paper's experiments as figures and JSON (local engine)")
     rep.add_argument(
@@ -87,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dni_dist.config import load_config  # imported late: --help stays instant
 
         overrides = [f"{key}={getattr(args, flag)}" for flag, key in _FLAGS.items() if getattr(args, flag) is not None]
+        if args.resume:
+            overrides.append("checkpoint.resume=true")
         config = load_config(args.config, overrides + args.overrides)
         from dni_dist.runner import train
 

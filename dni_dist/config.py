@@ -36,6 +36,9 @@ class SGConfig(SGSpec):
     target_lambda: float = 0.5
     lr: float = 1e-3
     window: int = 64
+    # Clip each example's SG output to this L2 norm before it is used (0 = off): a bound on
+    # what a badly trained SG can do to its segment.
+    clip: float = 0.0
 
 
 @dataclass
@@ -80,9 +83,40 @@ class DistConfig:
     # gRPC transport: address to listen on (loopback unless told otherwise) and chunk size.
     grpc_bind: str = "127.0.0.1"
     chunk_bytes: int = 1 << 20
-    # Test hook: stage ``slow_stage`` sleeps ``slow_seconds`` extra per input (-1 = none).
+    # Test hook: stage ``slow_stage`` sleeps ``slow_seconds`` extra per input (-1 = none),
+    # plus a uniform random jitter of up to ``slow_jitter`` seconds.
     slow_stage: int = -1
     slow_seconds: float = 0.0
+    slow_jitter: float = 0.0
+    # Emulated slow links (every stream): added one-way latency in seconds and a bandwidth
+    # cap in bytes per second (0 = none), for benchmarks.
+    link_latency: float = 0.0
+    link_bandwidth: float = 0.0
+    # Pipelined backprop (GPipe in the stage loop): micro-batches per optimiser step.
+    micro_batches: int = 1
+    # Fault tolerance: how often the driver restarts dead stage actors in one run.
+    max_restarts: int = 3
+    # Largest message (payload + labels) a stage accepts from the wire, in bytes.
+    max_message_bytes: int = 1 << 30
+    # gRPC security: off loopback, TLS (PEM files) and a shared token are required. The
+    # token is read from the environment variable named here, never from the config
+    # (summary.json records the config).
+    grpc_tls_cert: str | None = None
+    grpc_tls_key: str | None = None
+    grpc_tls_ca: str | None = None
+    grpc_token_env: str = "DNI_GRPC_TOKEN"
+
+
+@dataclass
+class CheckpointConfig:
+    """Periodic, atomic checkpoints of every stage (``dir`` unset = none)."""
+
+    dir: str | None = None
+    # Steps between checkpoints; 0 = at the end of every epoch.
+    every: int = 0
+    resume: bool = False
+    # Checkpoints kept on disk (the newest ones).
+    keep: int = 2
 
 
 @dataclass
@@ -98,11 +132,19 @@ class TrainConfig:
     update_prob: float = 1.0
     sg_prop_alpha: float = 1.0
     log_every: int = 50
+    # Prometheus endpoint served by the driver (0 = off).
+    metrics_port: int = 0
+    # auto: a live bar on a terminal, plain periodic lines otherwise (ray job logs).
+    progress: str = "auto"
+    # Non-finite losses, activations or gradients: the step is skipped and counted; this
+    # many in a row stops the run (with a checkpoint).
+    nan_limit: int = 3
     model: ModelSpec = field(default_factory=ModelSpec)
     sg: SGConfig = field(default_factory=SGConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +166,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": OPTIMIZERS,
     "dist.schedule": ("async", "lockstep"),
     "dist.placement": ("pack", "spread"),
+    "progress": ("auto", "bar", "lines", "off"),
 }
 # (low, high) inclusive; None = unbounded.
 _RANGES: dict[str, tuple[float | None, float | None]] = {
@@ -132,6 +175,9 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "update_prob": (0.0, 1.0),
     "sg_prop_alpha": (0.0, None),
     "log_every": (1, None),
+    "metrics_port": (0, 65535),
+    "nan_limit": (1, None),
+    "sg.clip": (0.0, None),
     "model.depth": (0, 1000),
     "model.width": (1, None),
     "model.channels": (1, None),
@@ -156,6 +202,14 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "dist.chunk_bytes": (1024, 1 << 30),
     "dist.slow_stage": (-1, 64),
     "dist.slow_seconds": (0.0, 60.0),
+    "dist.slow_jitter": (0.0, 60.0),
+    "dist.link_latency": (0.0, 60.0),
+    "dist.link_bandwidth": (0.0, None),
+    "dist.micro_batches": (1, 4096),
+    "dist.max_restarts": (0, 1000),
+    "dist.max_message_bytes": (1024, 1 << 40),
+    "checkpoint.every": (0, None),
+    "checkpoint.keep": (1, None),
 }
 
 
@@ -237,6 +291,8 @@ def _check(config: TrainConfig) -> None:
         if (low is not None and value < low) or (high is not None and value > high):
             span = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
             raise ConfigError(f"{key}={value} is out of range; allowed {span}")
+    if config.checkpoint.resume and not config.checkpoint.dir:
+        raise ConfigError("checkpoint.resume=true needs checkpoint.dir (--checkpoint-dir DIR) to resume from")
     if config.cuts is not None and len(config.cuts) != config.segments - 1:
         raise ConfigError(f"cuts={config.cuts} needs segments={len(config.cuts) + 1}, got segments={config.segments}")
 
