@@ -119,6 +119,8 @@ def build_stages(config: TrainConfig, input_shape: tuple[int, ...], task: Task, 
                 window=config.sg.window,
                 seed=config.seed,
                 direct_error=config.method in ("dfa", "kickback"),
+                nan_limit=config.nan_limit,
+                sg_clip=config.sg.clip,
             )
         )
     return stages

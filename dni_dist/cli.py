@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from dni_dist.errors import ConfigError
+from dni_dist.errors import ConfigError, RunFailed
 
 EXIT_USAGE = 2
 
@@ -105,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dni-dist: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RunFailed as exc:
+        print(f"dni-dist: run failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dni-dist: interrupted", file=sys.stderr)
         return 130

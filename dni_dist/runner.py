@@ -2,6 +2,8 @@
 
 Writes ``OUT/metrics.jsonl`` (one JSON object per ``log_every`` steps and per epoch,
 flushed as each epoch ends) and ``OUT/summary.json`` at the end; tools read both.
+Training runs in chunks between snapshots (see recovery.py): a lost stage is restarted
+from the last one, a numeric blow-up stops the run with it written to disk.
 """
 
 from __future__ import annotations
@@ -14,15 +16,20 @@ from typing import Any, Protocol
 import torch
 
 from dni_dist.builder import load_data
+from dni_dist.checkpoint import Position
 from dni_dist.config import TrainConfig
 from dni_dist.data import Dataset
-from dni_dist.errors import ConfigError
+from dni_dist.errors import ConfigError, RunFailed, StageLost
+from dni_dist.recovery import CheckpointKeeper
+from dni_dist.stage import NumericFault
 
 
 class EpochEngine(Protocol):
     step: int
 
-    def train_epoch(self, epoch: int) -> list[float]: ...
+    def train_steps(self, epoch: int, offset: int, count: int) -> list[float]: ...
+    def stage_states(self) -> list[dict[str, Any]]: ...
+    def restore(self, states: list[dict[str, Any]], step: int) -> None: ...
     def predict(self, x: torch.Tensor) -> torch.Tensor: ...
     def stage_summaries(self) -> list[dict[str, Any]]: ...
     def close(self) -> None: ...
@@ -63,29 +70,50 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
         raise ConfigError(
             f"data.batch_size={config.data.batch_size} exceeds the {len(dataset.x_train)} training samples; lower it"
         )
+    steps_per_epoch = len(dataset.x_train) // config.data.batch_size
     started = time.perf_counter()
     engine = make_engine(config, dataset)
+    keeper = CheckpointKeeper(config, steps_per_epoch)
     train_seconds = 0.0
     samples = 0
     losses: list[float] = []
     result: dict[str, float] = {}
     try:
-        with (out / "metrics.jsonl").open("w") as log:
-            for epoch in range(config.epochs):
-                first_step = engine.step
+        position = keeper.start(engine)
+        mode = "a" if keeper.resumed_from else "w"  # a resumed run continues its log
+        with (out / "metrics.jsonl").open(mode) as log:
+            while position.epoch < config.epochs:
+                if position.offset == 0:
+                    losses = []
+                count = keeper.chunk(position)
                 tick = time.perf_counter()
-                losses = engine.train_epoch(epoch)
+                try:
+                    chunk_losses = engine.train_steps(position.epoch, position.offset, count)
+                except StageLost as lost:
+                    position = keeper.recover(engine, lost, count)
+                    continue
+                except NumericFault as fault:
+                    raise RunFailed(f"{fault}; last good checkpoint: {keeper.save_last()}") from None
                 train_seconds += time.perf_counter() - tick
-                samples += len(losses) * config.data.batch_size
-                for i in range(config.log_every - 1, len(losses), config.log_every):
-                    step_record = {"event": "step", "epoch": epoch, "step": first_step + i + 1, "train_loss": losses[i]}
-                    log.write(json.dumps(step_record) + "\n")
+                samples += count * config.data.batch_size
+                for i in range(len(chunk_losses)):
+                    step = position.step + i + 1
+                    if step % config.log_every == 0:
+                        record = {"event": "step", "epoch": position.epoch, "step": step, "train_loss": chunk_losses[i]}
+                        log.write(json.dumps(record) + "\n")
+                losses += chunk_losses
+                offset = position.offset + count
+                epoch_done = offset == steps_per_epoch
+                position = Position(position.epoch + epoch_done, 0 if epoch_done else offset, position.step + count)
+                keeper.after_chunk(engine, position)
+                if not epoch_done:
+                    continue
                 result = evaluate(engine, dataset)
                 record = {
                     "event": "epoch",
-                    "epoch": epoch + 1,
-                    "step": engine.step,
-                    "train_loss": sum(losses) / len(losses),
+                    "epoch": position.epoch,
+                    "step": position.step,
+                    "train_loss": sum(losses) / len(losses) if losses else None,
                     **result,
                     "samples_per_second": samples / train_seconds if train_seconds else 0.0,
                 }
@@ -93,6 +121,8 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
                 log.flush()
                 if verbose:
                     print(" ".join(_fmt(k, v) for k, v in record.items() if k != "event"), flush=True)
+        if not result:  # resumed at the very end: nothing was trained here
+            result = evaluate(engine, dataset)
         stages = engine.stage_summaries()
     finally:
         engine.close()
@@ -111,6 +141,7 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
         "samples_per_second": samples / train_seconds if train_seconds else 0.0,
         "wall_seconds": time.perf_counter() - started,
         "steps": engine.step,
+        **keeper.summary(),
         "stages": stages,
         "config": config.to_dict(),
     }

@@ -22,9 +22,11 @@ gradient is exactly backprop's for that step even though stage k+1 has updated s
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +36,10 @@ from dni_dist.methods import Boundary, SyntheticBoundary
 from dni_dist.tasks import Task
 
 TARGET_MODES: tuple[str, ...] = ("bootstrap", "true", "lambda")
+
+
+class NumericFault(RuntimeError):
+    """Too many steps in a row produced non-finite numbers; the run must stop."""
 
 
 @dataclass
@@ -46,6 +52,7 @@ class _Pending:
     params: list[torch.Tensor]  # the tensors h's graph was built from (module params or a stash)
     forward_at: int
     bootstrap: torch.Tensor | None = None
+    poisoned: bool = False  # its input or activation was not finite: no update from this step
 
 
 @dataclass
@@ -66,6 +73,10 @@ class StageStats:
     sg_loss_sum: float = 0.0
     sg_cosine_sum: float = 0.0
     staleness_sum: int = 0
+    # Steps with a NaN/Inf in an activation, loss, SG output or received gradient: their
+    # updates were skipped. Clipped: SG outputs scaled down to sg.clip.
+    nonfinite_steps: int = 0
+    clipped_signals: int = 0
     compute_seconds: float = 0.0
     # Top stage: losses of the steps since an engine last took them (take_losses), so a
     # long run does not keep one float per step forever.
@@ -86,6 +97,8 @@ class StageStats:
             "sg_loss": self.sg_loss_sum / n if n else None,
             "sg_cosine": self.sg_cosine_sum / n if n else None,
             "mean_staleness": self.staleness_sum / n if n else None,
+            "nonfinite_steps": self.nonfinite_steps,
+            "clipped_signals": self.clipped_signals,
             "compute_seconds": self.compute_seconds,
         }
 
@@ -108,6 +121,8 @@ class Stage:
         window: int = 64,
         seed: int = 0,
         direct_error: bool = False,
+        nan_limit: int = 3,
+        sg_clip: float = 0.0,
     ) -> None:
         if target_mode not in TARGET_MODES:
             raise ValueError(f"target mode {target_mode!r} is unknown; use one of {', '.join(TARGET_MODES)}")
@@ -127,6 +142,10 @@ class Stage:
         self.window = window
         # At the top: send the output error straight to every lower stage (DFA, Kickback).
         self.direct_error = direct_error
+        self.nan_limit = nan_limit
+        self.sg_clip = sg_clip
+        self._bad_run = 0  # consecutive steps (by step id) that were not finite
+        self._last_bad = -2
         self.stats = StageStats()
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._update_rng = torch.Generator().manual_seed(seed * 1009 + index)
@@ -155,8 +174,11 @@ class Stage:
         if self.is_top:
             out = self._top_step(step, x, h, labels, params)
         else:
-            self._pending[step] = _Pending(x, h, context, params, self._clock)
+            poisoned = not (_finite(x) and _finite(h))
+            self._pending[step] = _Pending(x, h, context, params, self._clock, poisoned=poisoned)
             self._evict_stale()
+            if poisoned:
+                self._nonfinite(step, "activations")
             out = [Message(Kind.ACTIVATION, step, self.index, self.index + 1, h.detach(), labels)]
         self.stats.compute_seconds += time.perf_counter() - started
         return out
@@ -167,10 +189,15 @@ class Stage:
             return []
         started = time.perf_counter()
         pending = self._pending[step]
-        signal = self.boundary.signal(pending.h, pending.context, None)
+        signal = self._clip(self.boundary.signal(pending.h, pending.context, None))
         want_bootstrap = self.index > 0 and self.target_mode != "true"
-        input_grad = self._apply(pending, signal, want_input_grad=want_bootstrap, keep_graph=self._stash)
-        self.stats.updates_without_waiting += 1
+        if pending.poisoned or not _finite(signal):
+            self._nonfinite(step, "SG outputs")
+            # The stage below still waits for a bootstrap target: send one it will skip.
+            input_grad = torch.full_like(pending.x, float("nan")) if want_bootstrap else None
+        else:
+            input_grad = self._apply(pending, signal, want_input_grad=want_bootstrap, keep_graph=self._stash)
+            self.stats.updates_without_waiting += 1
         out = []
         if input_grad is not None:
             out.append(Message(Kind.BOOTSTRAP, step, self.index, self.index - 1, input_grad))
@@ -186,6 +213,9 @@ class Stage:
             self.stats.dropped_targets += 1
             return []
         started = time.perf_counter()
+        if not _finite(msg.tensor):
+            pending.poisoned = True
+            self._nonfinite(msg.step, f"{msg.kind.value} values")
         if self.boundary.waits_for == "nothing":
             out = self._on_sg_target(msg, pending)
         else:
@@ -234,12 +264,16 @@ class Stage:
         self, step: int, x: torch.Tensor, output: torch.Tensor, labels: torch.Tensor, params: list[torch.Tensor]
     ) -> list[Message]:
         loss = self.task.loss(output, labels)
-        self.stats.losses.append(float(loss.detach()))
+        value = float(loss.detach())
+        self.stats.losses.append(value)
         direct = self.direct_error
         extra = [output] if direct else []
         extra += [x] if (self.index > 0 and not direct) else []
         grads = torch.autograd.grad(loss, params + extra, allow_unused=True)
-        self._step_optimizer(grads[: len(params)])
+        if math.isfinite(value) and _finite(x):
+            self._step_optimizer(grads[: len(params)])
+        else:  # the gradients sent down are not finite either: the stages below skip too
+            self._nonfinite(step, "losses")
         if self.index == 0:
             return []
         if direct:
@@ -257,7 +291,8 @@ class Stage:
             # A GRAD from the top stage is the true gradient, which is also what the top
             # would bootstrap to, so it serves every mode.
             target = msg.tensor
-        self._train_sg(pending, target)
+        if not pending.poisoned and _finite(target):
+            self._train_sg(pending, target)
         out = []
         if self.target_mode != "bootstrap" and self.index > 0:
             (down,) = torch.autograd.grad(pending.h, pending.x, msg.tensor)
@@ -270,16 +305,19 @@ class Stage:
         expected = Kind.ERROR if boundary.waits_for == "error" else Kind.GRAD
         if msg.kind is not expected:
             raise ValueError(f"stage {self.index} ({boundary.name}) got a {msg.kind.value}, expected {expected.value}")
+        send_down = self.index > 0 and boundary.waits_for == "grad"
+        del self._pending[msg.step]
+        if pending.poisoned:  # no update; what goes down is not finite, so the stage below skips too
+            poison = torch.full_like(pending.x, float("nan"))
+            return [Message(Kind.GRAD, msg.step, self.index, self.index - 1, poison)] if send_down else []
         signal = boundary.signal(pending.h, pending.context, msg.tensor)
         if boundary.learned:  # sg-prop: the SG learns from the same target it was just given
             self._train_sg(pending, msg.tensor)
-        send_down = self.index > 0 and boundary.waits_for == "grad"
         input_grad = self._apply(pending, signal, want_input_grad=send_down, keep_graph=False)
         if msg.kind is Kind.ERROR:
             self.stats.updates_after_error += 1
         else:
             self.stats.updates_after_grad += 1
-        del self._pending[msg.step]
         if input_grad is None:
             return []
         return [Message(Kind.GRAD, msg.step, self.index, self.index - 1, input_grad)]
@@ -323,7 +361,63 @@ class Stage:
         self.stats.sg_cosine_sum += float(cosine)
         self.stats.staleness_sum += self._clock - pending.forward_at
 
+    def _clip(self, signal: torch.Tensor) -> torch.Tensor:
+        """Scale each example's SG output down to norm ``sg_clip`` (in per-example units)."""
+        if not self.sg_clip:
+            return signal
+        per_example = signal.flatten(1).norm(dim=1) * signal.shape[0]
+        factor = (self.sg_clip / per_example.clamp_min(1e-12)).clamp(max=1.0)
+        self.stats.clipped_signals += int((factor < 1).sum())
+        return signal * factor.view(-1, *([1] * (signal.dim() - 1)))
+
+    def _nonfinite(self, step: int, what: str) -> None:
+        """Count a non-finite step; ``nan_limit`` consecutive step ids stop the run."""
+        if step == self._last_bad:
+            return
+        self.stats.nonfinite_steps += 1
+        self._bad_run = self._bad_run + 1 if step == self._last_bad + 1 else 1
+        self._last_bad = step
+        if self._bad_run >= self.nan_limit:
+            raise NumericFault(
+                f"stage {self.index}: {self._bad_run} steps in a row (to step {step}) had non-finite {what}; "
+                "their updates were skipped. Lower optim.lr / sg.lr, or set sg.clip"
+            )
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a restarted stage needs to continue exactly (between steps only)."""
+        if self._pending:
+            raise RuntimeError(f"stage {self.index}: cannot checkpoint with {len(self._pending)} steps in flight")
+        stats = {k: v for k, v in vars(self.stats).items() if k != "losses"}
+        return {
+            "module": self.module.state_dict(),
+            "boundary": None if self.boundary is None else self.boundary.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "sg_optimizer": None if self.sg_optimizer is None else self.sg_optimizer.state_dict(),
+            "update_rng": self._update_rng.get_state(),
+            "clock": self._clock,
+            "stats": stats,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        if self.boundary is not None:
+            self.boundary.load_state_dict(state["boundary"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.sg_optimizer is not None:
+            self.sg_optimizer.load_state_dict(state["sg_optimizer"])
+        self._update_rng.set_state(state["update_rng"])
+        self._clock = state["clock"]
+        for key, value in state["stats"].items():
+            setattr(self.stats, key, value)
+        self._pending.clear()
+
     def _evict_stale(self) -> None:
         while len(self._pending) > self.window:
             self._pending.popitem(last=False)
             self.stats.evicted_steps += 1
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())

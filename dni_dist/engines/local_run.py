@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any
 
 import torch
@@ -23,8 +24,21 @@ class LocalRun:
         return self.engine.step
 
     def train_epoch(self, epoch: int) -> list[float]:
+        return self.train_steps(epoch, 0, len(self.dataset.x_train) // self.config.data.batch_size)
+
+    def train_steps(self, epoch: int, offset: int, count: int) -> list[float]:
+        """Steps ``offset .. offset + count - 1`` of ``epoch``'s batch order."""
         d, bs = self.dataset, self.config.data.batch_size
-        return [self.engine.train_step(x, y) for x, y in batches(d.x_train, d.y_train, bs, self.config.seed, epoch)]
+        order = batches(d.x_train, d.y_train, bs, self.config.seed, epoch)
+        return [self.engine.train_step(x, y) for x, y in islice(order, offset, offset + count)]
+
+    def stage_states(self) -> list[dict[str, Any]]:
+        return [stage.state_dict() for stage in self.engine.stages]
+
+    def restore(self, states: list[dict[str, Any]], step: int) -> None:
+        for stage, state in zip(self.engine.stages, states, strict=True):
+            stage.load_state_dict(state)
+        self.engine.step = step
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.engine.predict(x)

@@ -13,6 +13,7 @@ import contextlib
 import os
 import resource
 import uuid
+from itertools import islice
 from typing import Any
 
 import ray
@@ -25,9 +26,9 @@ from dni_dist.config import TrainConfig
 from dni_dist.data import Dataset, batches
 from dni_dist.engines.stage_loop import StageLoop
 from dni_dist.engines.wiring import all_streams, streams_of
-from dni_dist.errors import ConfigError
+from dni_dist.errors import ConfigError, StageLost
 from dni_dist.tasks import Task
-from dni_dist.transports.base import Stream, Transport
+from dni_dist.transports.base import Stream, Transport, TransportError
 from dni_dist.transports.torch_dist import TorchDistTransport, free_port, init_groups, shutdown_groups
 
 
@@ -94,15 +95,14 @@ class StageWorker:
             self.stage, self.transport, cfg.dist.schedule, cfg.dist.timeout, slow, cfg.dist.max_in_flight
         )
 
-    def run_epoch(self, epoch: int, first_step: int, steps: int) -> dict[str, Any]:
+    def run_epoch(self, epoch: int, first_step: int, steps: int, offset: int = 0) -> dict[str, Any]:
+        """Steps ``offset .. offset + steps - 1`` of ``epoch`` (numbered from ``first_step``)."""
         assert self.loop is not None
         inputs = None
         if self.data is not None:
             batch = self.config.data.batch_size
-            inputs = (
-                (x.to(self.device), y.to(self.device))
-                for x, y in batches(self.data.x_train, self.data.y_train, batch, self.config.seed, epoch)
-            )
+            order = batches(self.data.x_train, self.data.y_train, batch, self.config.seed, epoch)
+            inputs = ((x.to(self.device), y.to(self.device)) for x, y in islice(order, offset, offset + steps))
         report = self.loop.run_epoch(first_step, steps, inputs)
         self.busy[0] += report.compute_seconds
         self.busy[1] += report.wall_seconds
@@ -125,6 +125,23 @@ class StageWorker:
             "boundary": {} if boundary is None else {k: v.cpu() for k, v in boundary.state_dict().items()},
         }
 
+    def stage_state(self) -> dict[str, Any]:
+        """The stage's full state (for checkpoints), on the CPU."""
+        return _to_cpu(self.stage.state_dict())
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.stage.load_state_dict(state)  # load_state_dict copies onto the stage's device
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def drop_links(self) -> None:
+        """Fault drill: stop this stage's gRPC server as if its host went away."""
+        from dni_dist.transports.grpc_transport import GrpcTransport
+
+        if isinstance(self.transport, GrpcTransport):
+            self.transport.server.stop(grace=0)
+
     def summary(self) -> dict[str, Any]:
         stats = self.stage.stats.summary()
         stats["busy_fraction"] = self.busy[0] / self.busy[1] if self.busy[1] else 0.0
@@ -139,6 +156,16 @@ class StageWorker:
             self.transport.close()
         if self.config.transport != "grpc":
             shutdown_groups()
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _rss_bytes() -> int:
@@ -184,6 +211,10 @@ class RayRun:
         self.actors: list[Any] = []
         self.pg = None
         self._in_epoch = False  # an interrupted epoch leaves actors busy: kill, don't ask
+        self.step = 0
+        self.epoch_reports: list[list[dict[str, Any]]] = []
+        self.run_id = uuid.uuid4().hex
+        self.generation = 0  # bumped by every restart; part of the actors' names
         try:
             self._start()
         except BaseException:
@@ -210,6 +241,10 @@ class RayRun:
         for i in range(k):
             self.actors.append(
                 worker.options(
+                    # A second thread serves small calls (snapshots, test hooks) during run_epoch.
+                    max_concurrency=2,
+                    # Named so operators (and tests) can find a stage: dni-RUN-gGEN-stageI.
+                    name=f"dni-{self.run_id[:8]}-g{self.generation}-stage{i}",
                     num_cpus=cpus,
                     num_gpus=gpus_per_stage,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
@@ -219,7 +254,7 @@ class RayRun:
         direct = cfg.method in ("dfa", "kickback")
         streams = all_streams(k, plan.cut_shapes, cfg.data.batch_size, task, direct)
         if cfg.transport == "grpc":
-            run_id = uuid.uuid4().hex  # a stage refuses streams from any other run
+            run_id = f"{self.run_id}-g{self.generation}"  # a stage refuses streams from any other run
             addresses = ray.get([a.listen.remote(streams, run_id) for a in self.actors], timeout=cfg.dist.timeout)
             peers = dict(enumerate(addresses))
             ray.get([a.connect.remote(streams, peers=peers) for a in self.actors], timeout=cfg.dist.timeout)
@@ -227,17 +262,50 @@ class RayRun:
             address, port = ray.get(self.actors[0].rendezvous.remote())
             ray.get([a.connect.remote(streams, address, port) for a in self.actors], timeout=cfg.dist.timeout)
         self.steps_per_epoch = len(self.dataset.x_train) // cfg.data.batch_size
-        self.step = 0
-        self.epoch_reports: list[list[dict[str, Any]]] = []
 
     def train_epoch(self, epoch: int) -> list[float]:
-        steps = self.steps_per_epoch
+        return self.train_steps(epoch, 0, self.steps_per_epoch)
+
+    def train_steps(self, epoch: int, offset: int, count: int) -> list[float]:
+        """Steps ``offset .. offset + count - 1`` of ``epoch``; raises StageLost when a stage
+        actor dies or its links fail (the caller may ``restart`` and ``restore``)."""
         self._in_epoch = True
-        reports = ray.get([a.run_epoch.remote(epoch, self.step, steps) for a in self.actors])
+        calls = {a.run_epoch.remote(epoch, self.step, count, offset): i for i, a in enumerate(self.actors)}
+        reports: dict[int, dict[str, Any]] = {}
+        waiting = list(calls)
+        while waiting:  # the first failure ends the wait: the others would only block on it
+            done, waiting = ray.wait(waiting, num_returns=1)
+            stage = calls[done[0]]
+            try:
+                reports[stage] = ray.get(done[0])
+            except ray.exceptions.RayActorError as exc:
+                raise StageLost(f"stage {stage}'s actor died ({exc.__class__.__name__})") from None
+            except TransportError as exc:
+                reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
+                raise StageLost(f"stage {stage} lost a link: {reason}") from None
         self._in_epoch = False
-        self.step += steps
-        self.epoch_reports.append(reports)
-        return reports[-1]["losses"]
+        self.step += count
+        ordered = [reports[i] for i in range(len(self.actors))]
+        self.epoch_reports.append(ordered)
+        return ordered[-1]["losses"]
+
+    def stage_states(self) -> list[dict[str, Any]]:
+        return ray.get([a.stage_state.remote() for a in self.actors], timeout=self.config.dist.timeout)
+
+    def restore(self, states: list[dict[str, Any]], step: int) -> None:
+        ray.get(
+            [a.restore.remote(s) for a, s in zip(self.actors, states, strict=True)], timeout=self.config.dist.timeout
+        )
+        self.step = step
+
+    def restart(self) -> None:
+        """Replace every stage actor (the process groups of the survivors are broken too)."""
+        self._stop_actors()
+        self.generation += 1
+        self._start()
+
+    def pids(self) -> list[int]:
+        return ray.get([a.pid.remote() for a in self.actors])
 
     def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         ref: Any = x
@@ -257,15 +325,19 @@ class RayRun:
 
     def close(self) -> None:
         """Stop every actor and free every port, whatever state the run is in."""
+        self._stop_actors()
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+
+    def _stop_actors(self) -> None:
         if self.actors and not self._in_epoch:
             with contextlib.suppress(Exception):  # a dead or hung actor is killed below anyway
                 ray.get([a.close.remote() for a in self.actors], timeout=30)
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        self._in_epoch = False
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
-        if self.started_ray:
-            ray.shutdown()
-            self.started_ray = False
