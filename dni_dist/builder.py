@@ -102,6 +102,11 @@ def build_stages(config: TrainConfig, input_shape: tuple[int, ...], task: Task, 
                 config.method, sg, plan.cut_shapes[k], task.n_outputs, config.seed * 31 + k, config.sg_prop_alpha
             )
             sg_optimizer = make_optimizer(list(boundary.parameters()), config.optim, lr=config.sg.lr)
+            if config.dist.micro_batches > 1 and not boundary.update_locked:
+                raise ConfigError(
+                    f"dist.micro_batches={config.dist.micro_batches} is pipelined backprop for locked methods; "
+                    f"method={config.method} updates without waiting, use dist.micro_batches=1"
+                )
         if only is not None and k != only:
             continue
         stages.append(
@@ -121,6 +126,7 @@ def build_stages(config: TrainConfig, input_shape: tuple[int, ...], task: Task, 
                 direct_error=config.method in ("dfa", "kickback"),
                 nan_limit=config.nan_limit,
                 sg_clip=config.sg.clip,
+                micro_batches=config.dist.micro_batches,
             )
         )
     return stages

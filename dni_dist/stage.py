@@ -123,9 +123,12 @@ class Stage:
         direct_error: bool = False,
         nan_limit: int = 3,
         sg_clip: float = 0.0,
+        micro_batches: int = 1,
     ) -> None:
         if target_mode not in TARGET_MODES:
             raise ValueError(f"target mode {target_mode!r} is unknown; use one of {', '.join(TARGET_MODES)}")
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches={micro_batches} must be >= 1")
         self.index = index
         self.num_stages = num_stages
         self.is_top = index == num_stages - 1
@@ -146,6 +149,10 @@ class Stage:
         self.sg_clip = sg_clip
         self._bad_run = 0  # consecutive steps (by step id) that were not finite
         self._last_bad = -2
+        # Pipelined backprop (GPipe): steps s with the same s // micro_batches form one
+        # mini-batch; their gradients are averaged and the optimiser steps once, after the
+        # last of them, so the update is backprop's on the concatenated batch.
+        self.micro_batches = micro_batches
         self.stats = StageStats()
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._update_rng = torch.Generator().manual_seed(seed * 1009 + index)
@@ -196,7 +203,7 @@ class Stage:
             # The stage below still waits for a bootstrap target: send one it will skip.
             input_grad = torch.full_like(pending.x, float("nan")) if want_bootstrap else None
         else:
-            input_grad = self._apply(pending, signal, want_input_grad=want_bootstrap, keep_graph=self._stash)
+            input_grad = self._apply(step, pending, signal, want_input_grad=want_bootstrap, keep_graph=self._stash)
             self.stats.updates_without_waiting += 1
         out = []
         if input_grad is not None:
@@ -259,6 +266,14 @@ class Stage:
         """Must this stage wait for a signal from above before taking its next input?"""
         return not self.is_top and self.boundary.update_locked
 
+    def takes_input(self, step: int) -> bool:
+        """May a locked stage start ``step`` now? Yes if nothing is pending, or if the pending
+        steps are micro-batches of the same group: no update comes between them."""
+        if not self.locked or not self._pending:
+            return True
+        oldest = next(iter(self._pending))
+        return oldest // self.micro_batches == step // self.micro_batches
+
     # -------------------------------------------------------------- internals
     def _top_step(
         self, step: int, x: torch.Tensor, output: torch.Tensor, labels: torch.Tensor, params: list[torch.Tensor]
@@ -271,7 +286,7 @@ class Stage:
         extra += [x] if (self.index > 0 and not direct) else []
         grads = torch.autograd.grad(loss, params + extra, allow_unused=True)
         if math.isfinite(value) and _finite(x):
-            self._step_optimizer(grads[: len(params)])
+            self._step_optimizer(grads[: len(params)], step)
         else:  # the gradients sent down are not finite either: the stages below skip too
             self._nonfinite(step, "losses")
         if self.index == 0:
@@ -313,7 +328,7 @@ class Stage:
         signal = boundary.signal(pending.h, pending.context, msg.tensor)
         if boundary.learned:  # sg-prop: the SG learns from the same target it was just given
             self._train_sg(pending, msg.tensor)
-        input_grad = self._apply(pending, signal, want_input_grad=send_down, keep_graph=False)
+        input_grad = self._apply(msg.step, pending, signal, want_input_grad=send_down, keep_graph=False)
         if msg.kind is Kind.ERROR:
             self.stats.updates_after_error += 1
         else:
@@ -323,25 +338,35 @@ class Stage:
         return [Message(Kind.GRAD, msg.step, self.index, self.index - 1, input_grad)]
 
     def _apply(
-        self, pending: _Pending, signal: torch.Tensor, want_input_grad: bool, keep_graph: bool
+        self, step: int, pending: _Pending, signal: torch.Tensor, want_input_grad: bool, keep_graph: bool
     ) -> torch.Tensor | None:
         """Backprop ``signal`` through the segment; step the optimiser; maybe return dL/dx."""
         inputs = pending.params + ([pending.x] if want_input_grad else [])
         grads = torch.autograd.grad(pending.h, inputs, signal, retain_graph=keep_graph, allow_unused=True)
-        self._step_optimizer(grads[: len(pending.params)])
+        self._step_optimizer(grads[: len(pending.params)], step)
         return grads[-1] if want_input_grad else None
 
-    def _step_optimizer(self, grads: tuple[torch.Tensor | None, ...]) -> None:
+    def _step_optimizer(self, grads: tuple[torch.Tensor | None, ...], step: int) -> None:
         if self.optimizer is None:
             return
-        # Stochastic updates (DNI paper): each stage updates with probability p per step.
-        # The draw happens every step so the sequence does not depend on p's history.
+        m = self.micro_batches
+        if m > 1:  # accumulate the group's mean gradient; step after its last micro-batch
+            for p, g in zip(self.module.parameters(), grads, strict=True):
+                if g is not None:
+                    p.grad = g / m if p.grad is None else p.grad.add_(g, alpha=1 / m)
+            if (step + 1) % m:
+                return
+        # Stochastic updates (DNI paper): each stage updates with probability p per step
+        # (per mini-batch with micro-batches). The draw happens every time so the sequence
+        # does not depend on p's history.
         draw = float(torch.rand((), generator=self._update_rng))
         if draw >= self.update_prob:
             self.stats.skipped_updates += 1
+            self.optimizer.zero_grad(set_to_none=True)  # drop what a group accumulated
             return
-        for p, g in zip(self.module.parameters(), grads, strict=True):
-            p.grad = g
+        if m == 1:
+            for p, g in zip(self.module.parameters(), grads, strict=True):
+                p.grad = g
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.stats.updates += 1
@@ -397,6 +422,8 @@ class Stage:
             "update_rng": self._update_rng.get_state(),
             "clock": self._clock,
             "stats": stats,
+            # Gradients a GPipe group has accumulated so far (a chunk may end inside a group).
+            "accumulated": [p.grad for p in self.module.parameters()] if self.micro_batches > 1 else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -409,6 +436,9 @@ class Stage:
             self.sg_optimizer.load_state_dict(state["sg_optimizer"])
         self._update_rng.set_state(state["update_rng"])
         self._clock = state["clock"]
+        if state.get("accumulated") is not None:
+            for p, g in zip(self.module.parameters(), state["accumulated"], strict=True):
+                p.grad = None if g is None else g.to(p.device)
         for key, value in state["stats"].items():
             setattr(self.stats, key, value)
         self._pending.clear()

@@ -29,6 +29,7 @@ from dni_dist.engines.wiring import all_streams, streams_of
 from dni_dist.errors import ConfigError, StageLost
 from dni_dist.tasks import Task
 from dni_dist.transports.base import Stream, Transport, TransportError
+from dni_dist.transports.slow_link import SlowLinkTransport
 from dni_dist.transports.torch_dist import TorchDistTransport, free_port, init_groups, shutdown_groups
 
 
@@ -89,6 +90,8 @@ class StageWorker:
             self.transport = TorchDistTransport(
                 self.index, inbound, outbound, up, down, wire, self.device, cfg.dist.capacity
             )
+        if cfg.dist.link_latency or cfg.dist.link_bandwidth:  # an emulated slow link, for benchmarks
+            self.transport = SlowLinkTransport(self.transport, cfg.dist.link_latency, cfg.dist.link_bandwidth)
         self.transport.start()
         slow = cfg.dist.slow_seconds if cfg.dist.slow_stage == self.index else 0.0
         self.loop = StageLoop(

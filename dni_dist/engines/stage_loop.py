@@ -5,6 +5,9 @@ may (an ``sg`` stage as long as fewer than ``max_in_flight`` steps wait for targ
 locked stage only when nothing is pending), every stage forwards and sends up at once, updates
 from its SG, and trains its SG whenever a target arrives. Memory stays bounded: the
 transport's queues are bounded and block the sender, and pending steps are capped.
+With ``micro_batches`` M > 1 (pipelined backprop, GPipe), a locked stage also takes inputs
+of the group of M steps it is working on (no update comes between them), never one of the
+next group before the group's update: stage 0 feeds a group's M steps, then drains.
 
 ``lockstep`` processes, at every stage, all events of step s (its input, then the
 messages from above for s, in order) before anything of step s+1; messages that arrive
@@ -55,7 +58,7 @@ class StageLoop:
         self.schedule = schedule
         self.timeout = timeout
         self.slow_seconds = slow_seconds  # test hook: pretend each input costs this much more
-        self.max_in_flight = 1 if stage.locked else max_in_flight
+        self.max_in_flight = stage.micro_batches if stage.locked else max_in_flight
         self._early: list[Message] = []
         self._max_queued = 0
         self._max_pending = 0
@@ -98,7 +101,8 @@ class StageLoop:
         while fed < steps or handled < steps * per_step:
             if inputs is not None:
                 msg = self.transport.try_recv()  # targets first: they free pending steps
-                if msg is None and fed < steps and stage.pending_steps < self.max_in_flight:
+                may_feed = stage.pending_steps < self.max_in_flight and stage.takes_input(first + fed)
+                if msg is None and fed < steps and may_feed:
                     x, y = next(inputs)
                     self._input(first + fed, x, y)
                     fed += 1
@@ -106,15 +110,17 @@ class StageLoop:
                 if msg is None:
                     msg = self.transport.recv(self.timeout)
             else:
-                busy = stage.locked and stage.pending_steps > 0
-                msg = held.popleft() if held and not busy else self.transport.recv(self.timeout)
-                if msg.kind is Kind.ACTIVATION:
-                    # A locked stage finishes its step first (its update would change the
-                    # weights under the next step's graph). Direct errors make this real:
-                    # stage 0 can get its error, and feed the next step, before we get ours.
-                    if busy:
+                if held and stage.takes_input(held[0].step):
+                    msg = held.popleft()
+                else:
+                    msg = self.transport.recv(self.timeout)
+                    # A locked stage finishes its step (or group) first: its update would
+                    # change the weights under the next step's graph. Direct errors make this
+                    # real: stage 0 can get its error, and feed the next step, before we get ours.
+                    if msg.kind is Kind.ACTIVATION and (held or not stage.takes_input(msg.step)):
                         held.append(msg)
                         continue
+                if msg.kind is Kind.ACTIVATION:
                     self._check_order(msg.step, first + fed)
                     self._input(msg.step, msg.tensor, msg.labels)
                     fed += 1
