@@ -93,9 +93,15 @@ class StageWorker:
         if cfg.dist.link_latency or cfg.dist.link_bandwidth:  # an emulated slow link, for benchmarks
             self.transport = SlowLinkTransport(self.transport, cfg.dist.link_latency, cfg.dist.link_bandwidth)
         self.transport.start()
-        slow = cfg.dist.slow_seconds if cfg.dist.slow_stage == self.index else 0.0
+        slowed = cfg.dist.slow_stage == self.index
         self.loop = StageLoop(
-            self.stage, self.transport, cfg.dist.schedule, cfg.dist.timeout, slow, cfg.dist.max_in_flight
+            self.stage,
+            self.transport,
+            cfg.dist.schedule,
+            cfg.dist.timeout,
+            cfg.dist.slow_seconds if slowed else 0.0,
+            cfg.dist.max_in_flight,
+            slow_jitter=cfg.dist.slow_jitter if slowed else 0.0,
         )
 
     def run_epoch(self, epoch: int, first_step: int, steps: int, offset: int = 0) -> dict[str, Any]:

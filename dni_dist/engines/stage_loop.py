@@ -17,6 +17,7 @@ is the same to floating-point tolerance.
 
 from __future__ import annotations
 
+import random
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -50,6 +51,7 @@ class StageLoop:
         timeout: float = 120.0,
         slow_seconds: float = 0.0,
         max_in_flight: int = 2,
+        slow_jitter: float = 0.0,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule {schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
@@ -58,6 +60,8 @@ class StageLoop:
         self.schedule = schedule
         self.timeout = timeout
         self.slow_seconds = slow_seconds  # test hook: pretend each input costs this much more
+        self.slow_jitter = slow_jitter  # ... plus up to this much, uniformly at random
+        self._jitter = random.Random(stage.index)
         self.max_in_flight = stage.micro_batches if stage.locked else max_in_flight
         self._early: list[Message] = []
         self._max_queued = 0
@@ -163,9 +167,10 @@ class StageLoop:
     def _input(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
         for out in self.stage.forward(step, x, y):  # send up before updating
             self.transport.send(out)
-        if self.slow_seconds:  # simulated work: counted as compute, like the real kind
-            time.sleep(self.slow_seconds)
-            self.stage.stats.compute_seconds += self.slow_seconds
+        if self.slow_seconds or self.slow_jitter:  # simulated work: counted as compute, like the real kind
+            pause = self.slow_seconds + self._jitter.uniform(0.0, self.slow_jitter)
+            time.sleep(pause)
+            self.stage.stats.compute_seconds += pause
         for out in self.stage.update(step):
             self.transport.send(out)
         self._sample()
