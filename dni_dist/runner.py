@@ -17,6 +17,7 @@ from dni_dist.builder import load_data
 from dni_dist.config import TrainConfig
 from dni_dist.data import Dataset
 from dni_dist.errors import ConfigError
+from dni_dist.monitor import Monitor
 
 
 class EpochEngine(Protocol):
@@ -64,7 +65,13 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
             f"data.batch_size={config.data.batch_size} exceeds the {len(dataset.x_train)} training samples; lower it"
         )
     started = time.perf_counter()
-    engine = make_engine(config, dataset)
+    # The metrics endpoint and progress display (a taken port fails here, before any Ray).
+    monitor = Monitor(config, len(dataset.x_train) // config.data.batch_size, verbose)
+    try:
+        engine = make_engine(config, dataset)
+    except BaseException:
+        monitor.close()
+        raise
     train_seconds = 0.0
     samples = 0
     losses: list[float] = []
@@ -74,7 +81,8 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
             for epoch in range(config.epochs):
                 first_step = engine.step
                 tick = time.perf_counter()
-                losses = engine.train_epoch(epoch)
+                with monitor.epoch(engine, epoch):
+                    losses = engine.train_epoch(epoch)
                 train_seconds += time.perf_counter() - tick
                 samples += len(losses) * config.data.batch_size
                 for i in range(config.log_every - 1, len(losses), config.log_every):
@@ -91,11 +99,11 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
                 }
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                if verbose:
-                    print(" ".join(_fmt(k, v) for k, v in record.items() if k != "event"), flush=True)
+                monitor.epoch_end(record)
         stages = engine.stage_summaries()
     finally:
         engine.close()
+        monitor.close()
     summary: dict[str, Any] = {
         "method": config.method,
         "segments": config.segments,
@@ -116,7 +124,3 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
     }
     _write_json(out / "summary.json", summary)
     return summary
-
-
-def _fmt(key: str, value: Any) -> str:
-    return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dni_dist.histogram import STALENESS_BOUNDS, STEP_SECONDS_BOUNDS, Histogram
 from dni_dist.messages import Kind, Message
 from dni_dist.methods import Boundary, SyntheticBoundary
 from dni_dist.tasks import Task
@@ -46,6 +47,7 @@ class _Pending:
     params: list[torch.Tensor]  # the tensors h's graph was built from (module params or a stash)
     forward_at: int
     bootstrap: torch.Tensor | None = None
+    seconds: float = 0.0  # compute spent on this step so far (forward, update, targets)
 
 
 @dataclass
@@ -70,6 +72,10 @@ class StageStats:
     # Top stage: losses of the steps since an engine last took them (take_losses), so a
     # long run does not keep one float per step forever.
     losses: list[float] = field(default_factory=list)
+    # Distributions for the metrics endpoint (not in summary()): compute seconds per
+    # completed step, and SG target staleness in steps.
+    step_seconds: Histogram = field(default_factory=lambda: Histogram(STEP_SECONDS_BOUNDS))
+    staleness: Histogram = field(default_factory=lambda: Histogram(STALENESS_BOUNDS))
 
     def summary(self) -> dict[str, float | int | None]:
         n = self.sg_updates
@@ -155,10 +161,15 @@ class Stage:
         if self.is_top:
             out = self._top_step(step, x, h, labels, params)
         else:
-            self._pending[step] = _Pending(x, h, context, params, self._clock)
+            pending = self._pending[step] = _Pending(x, h, context, params, self._clock)
             self._evict_stale()
             out = [Message(Kind.ACTIVATION, step, self.index, self.index + 1, h.detach(), labels)]
-        self.stats.compute_seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.stats.compute_seconds += elapsed
+        if self.is_top:  # the top's step is complete here: forward, backward and update
+            self.stats.step_seconds.observe(elapsed)
+        else:
+            pending.seconds = elapsed
         return out
 
     def update(self, step: int) -> list[Message]:
@@ -174,7 +185,9 @@ class Stage:
         out = []
         if input_grad is not None:
             out.append(Message(Kind.BOOTSTRAP, step, self.index, self.index - 1, input_grad))
-        self.stats.compute_seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.stats.compute_seconds += elapsed
+        pending.seconds += elapsed
         return out
 
     def on_message(self, msg: Message) -> list[Message]:
@@ -190,7 +203,11 @@ class Stage:
             out = self._on_sg_target(msg, pending)
         else:
             out = self._on_locked_signal(msg, pending)
-        self.stats.compute_seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.stats.compute_seconds += elapsed
+        pending.seconds += elapsed
+        if msg.step not in self._pending:  # the step is done: all its compute is counted
+            self.stats.step_seconds.observe(pending.seconds)
         return out
 
     @torch.no_grad()
@@ -321,7 +338,9 @@ class Stage:
         self.stats.sg_updates += 1
         self.stats.sg_loss_sum += float(loss.detach())
         self.stats.sg_cosine_sum += float(cosine)
-        self.stats.staleness_sum += self._clock - pending.forward_at
+        staleness = self._clock - pending.forward_at
+        self.stats.staleness_sum += staleness
+        self.stats.staleness.observe(staleness)
 
     def _evict_stale(self) -> None:
         while len(self._pending) > self.window:
