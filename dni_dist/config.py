@@ -243,7 +243,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return float(value)
     if annotation is str:
         if isinstance(value, bool):  # YAML reads `true` as a boolean; sg.target=true means the text
-            return "true" if value else "false"
+            # YAML 1.1 also reads on/off/yes/no as booleans: progress=off means the choice "off".
+            words = ("true", "on", "yes") if value else ("false", "off", "no")
+            return next((w for w in words if w in _CHOICES.get(key, ())), words[0])
         if isinstance(value, (int, float)):
             return str(value)
         if not isinstance(value, str):

@@ -60,13 +60,16 @@ class CheckpointKeeper:
         every = self.config.checkpoint.every
         return min(left, every - position.step % every) if every else left
 
-    def after_chunk(self, engine: RecoverableEngine, position: Position) -> None:
+    def after_chunk(self, engine: RecoverableEngine, position: Position) -> bool:
+        """Snapshot every stage; True if a checkpoint was written to disk too."""
         states = self._copy(engine.stage_states())
         self._snapshot = (position, states)
-        if self.directory:
-            checkpoint.save(self.directory, position, states, self.config.to_dict())
-            checkpoint.prune(self.directory, self.config.checkpoint.keep)
-            self.checkpoints += 1
+        if not self.directory:
+            return False
+        checkpoint.save(self.directory, position, states, self.config.to_dict())
+        checkpoint.prune(self.directory, self.config.checkpoint.keep)
+        self.checkpoints += 1
+        return True
 
     def recover(self, engine: Any, lost: StageLost, failed_chunk: int) -> Position:
         """Replace the actors and restore the last snapshot, or give up past max_restarts."""

@@ -20,6 +20,7 @@ from dni_dist.checkpoint import Position
 from dni_dist.config import TrainConfig
 from dni_dist.data import Dataset
 from dni_dist.errors import ConfigError, RunFailed, StageLost
+from dni_dist.monitor import Monitor
 from dni_dist.recovery import CheckpointKeeper
 from dni_dist.stage import NumericFault
 
@@ -72,7 +73,13 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
         )
     steps_per_epoch = len(dataset.x_train) // config.data.batch_size
     started = time.perf_counter()
-    engine = make_engine(config, dataset)
+    # The metrics endpoint and progress display (a taken port fails here, before any Ray).
+    monitor = Monitor(config, steps_per_epoch, verbose)
+    try:
+        engine = make_engine(config, dataset)
+    except BaseException:
+        monitor.close()
+        raise
     keeper = CheckpointKeeper(config, steps_per_epoch)
     train_seconds = 0.0
     samples = 0
@@ -88,9 +95,11 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
                 count = keeper.chunk(position)
                 tick = time.perf_counter()
                 try:
-                    chunk_losses = engine.train_steps(position.epoch, position.offset, count)
+                    with monitor.epoch(engine, position.epoch):
+                        chunk_losses = engine.train_steps(position.epoch, position.offset, count)
                 except StageLost as lost:
                     position = keeper.recover(engine, lost, count)
+                    monitor.job.record_restart(count)
                     continue
                 except NumericFault as fault:
                     raise RunFailed(f"{fault}; last good checkpoint: {keeper.save_last()}") from None
@@ -105,7 +114,8 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
                 offset = position.offset + count
                 epoch_done = offset == steps_per_epoch
                 position = Position(position.epoch + epoch_done, 0 if epoch_done else offset, position.step + count)
-                keeper.after_chunk(engine, position)
+                if keeper.after_chunk(engine, position):
+                    monitor.job.record_checkpoint()
                 if not epoch_done:
                     continue
                 result = evaluate(engine, dataset)
@@ -119,13 +129,13 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
                 }
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                if verbose:
-                    print(" ".join(_fmt(k, v) for k, v in record.items() if k != "event"), flush=True)
+                monitor.epoch_end(record)
         if not result:  # resumed at the very end: nothing was trained here
             result = evaluate(engine, dataset)
         stages = engine.stage_summaries()
     finally:
         engine.close()
+        monitor.close()
     summary: dict[str, Any] = {
         "method": config.method,
         "segments": config.segments,
@@ -147,7 +157,3 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
     }
     _write_json(out / "summary.json", summary)
     return summary
-
-
-def _fmt(key: str, value: Any) -> str:
-    return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"

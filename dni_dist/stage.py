@@ -25,12 +25,13 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from dni_dist.histogram import STALENESS_BOUNDS, STEP_SECONDS_BOUNDS, Histogram
 from dni_dist.messages import Kind, Message
 from dni_dist.methods import Boundary, SyntheticBoundary
 from dni_dist.tasks import Task
@@ -53,6 +54,7 @@ class _Pending:
     forward_at: int
     bootstrap: torch.Tensor | None = None
     poisoned: bool = False  # its input or activation was not finite: no update from this step
+    seconds: float = 0.0  # compute spent on this step so far (forward, update, targets)
 
 
 @dataclass
@@ -81,6 +83,10 @@ class StageStats:
     # Top stage: losses of the steps since an engine last took them (take_losses), so a
     # long run does not keep one float per step forever.
     losses: list[float] = field(default_factory=list)
+    # Distributions for the metrics endpoint (not in summary()): compute seconds per
+    # completed step, and SG target staleness in steps.
+    step_seconds: Histogram = field(default_factory=lambda: Histogram(STEP_SECONDS_BOUNDS))
+    staleness: Histogram = field(default_factory=lambda: Histogram(STALENESS_BOUNDS))
 
     def summary(self) -> dict[str, float | int | None]:
         n = self.sg_updates
@@ -182,12 +188,17 @@ class Stage:
             out = self._top_step(step, x, h, labels, params)
         else:
             poisoned = not (_finite(x) and _finite(h))
-            self._pending[step] = _Pending(x, h, context, params, self._clock, poisoned=poisoned)
+            pending = self._pending[step] = _Pending(x, h, context, params, self._clock, poisoned=poisoned)
             self._evict_stale()
             if poisoned:
                 self._nonfinite(step, "activations")
             out = [Message(Kind.ACTIVATION, step, self.index, self.index + 1, h.detach(), labels)]
-        self.stats.compute_seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.stats.compute_seconds += elapsed
+        if self.is_top:  # the top's step is complete here: forward, backward and update
+            self.stats.step_seconds.observe(elapsed)
+        else:
+            pending.seconds = elapsed
         return out
 
     def update(self, step: int) -> list[Message]:
@@ -208,7 +219,9 @@ class Stage:
         out = []
         if input_grad is not None:
             out.append(Message(Kind.BOOTSTRAP, step, self.index, self.index - 1, input_grad))
-        self.stats.compute_seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.stats.compute_seconds += elapsed
+        pending.seconds += elapsed
         return out
 
     def on_message(self, msg: Message) -> list[Message]:
@@ -227,7 +240,11 @@ class Stage:
             out = self._on_sg_target(msg, pending)
         else:
             out = self._on_locked_signal(msg, pending)
-        self.stats.compute_seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.stats.compute_seconds += elapsed
+        pending.seconds += elapsed
+        if msg.step not in self._pending:  # the step is done: all its compute is counted
+            self.stats.step_seconds.observe(pending.seconds)
         return out
 
     @torch.no_grad()
@@ -384,7 +401,9 @@ class Stage:
         self.stats.sg_updates += 1
         self.stats.sg_loss_sum += float(loss.detach())
         self.stats.sg_cosine_sum += float(cosine)
-        self.stats.staleness_sum += self._clock - pending.forward_at
+        staleness = self._clock - pending.forward_at
+        self.stats.staleness_sum += staleness
+        self.stats.staleness.observe(staleness)
 
     def _clip(self, signal: torch.Tensor) -> torch.Tensor:
         """Scale each example's SG output down to norm ``sg_clip`` (in per-example units)."""
@@ -413,7 +432,8 @@ class Stage:
         """Everything a restarted stage needs to continue exactly (between steps only)."""
         if self._pending:
             raise RuntimeError(f"stage {self.index}: cannot checkpoint with {len(self._pending)} steps in flight")
-        stats = {k: v for k, v in vars(self.stats).items() if k != "losses"}
+        # Plain containers only (histograms as dicts), so checkpoints load with weights_only.
+        stats = {k: asdict(v) if isinstance(v, Histogram) else v for k, v in vars(self.stats).items() if k != "losses"}
         return {
             "module": self.module.state_dict(),
             "boundary": None if self.boundary is None else self.boundary.state_dict(),
@@ -440,6 +460,8 @@ class Stage:
             for p, g in zip(self.module.parameters(), state["accumulated"], strict=True):
                 p.grad = None if g is None else g.to(p.device)
         for key, value in state["stats"].items():
+            if isinstance(getattr(self.stats, key, None), Histogram):
+                value = Histogram(tuple(value["bounds"]), list(value["counts"]), value["total"])
             setattr(self.stats, key, value)
         self._pending.clear()
 

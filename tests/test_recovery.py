@@ -28,7 +28,7 @@ def _assert_same(a, b, where: str = "") -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=where)
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), where
-        for key in a.keys() - {"compute_seconds"}:  # wall-clock timing, not state
+        for key in a.keys() - {"compute_seconds", "step_seconds"}:  # wall-clock timings, not state
             _assert_same(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where

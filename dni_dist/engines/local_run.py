@@ -11,6 +11,7 @@ from dni_dist.builder import build_stages
 from dni_dist.config import TrainConfig
 from dni_dist.data import Dataset, batches
 from dni_dist.engines.local import LocalEngine
+from dni_dist.metrics import Snapshot, StageProbe
 
 
 class LocalRun:
@@ -18,6 +19,7 @@ class LocalRun:
         self.config = config
         self.dataset = dataset
         self.engine = LocalEngine(build_stages(config, dataset.input_shape, dataset.task))
+        self.probes = [StageProbe(s, config.data.batch_size) for s in self.engine.stages]
 
     @property
     def step(self) -> int:
@@ -48,6 +50,10 @@ class LocalRun:
             {"stage": s.index, "parameters": sum(p.numel() for p in s.module.parameters()), **s.stats.summary()}
             for s in self.engine.stages
         ]
+
+    def snapshots(self) -> list[Snapshot]:
+        """Every stage's metrics now; safe from a monitoring thread while an epoch runs."""
+        return [probe.snapshot() for probe in self.probes]
 
     def close(self) -> None:
         pass

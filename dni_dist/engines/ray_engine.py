@@ -27,6 +27,7 @@ from dni_dist.data import Dataset, batches
 from dni_dist.engines.stage_loop import StageLoop
 from dni_dist.engines.wiring import all_streams, streams_of
 from dni_dist.errors import ConfigError, StageLost
+from dni_dist.metrics import Snapshot, StageProbe
 from dni_dist.tasks import Task
 from dni_dist.transports.base import Stream, Transport, TransportError
 from dni_dist.transports.slow_link import SlowLinkTransport
@@ -49,6 +50,7 @@ class StageWorker:
         self.transport: Transport | None = None
         self.loop: StageLoop | None = None
         self.busy = [0.0, 0.0]  # compute seconds, wall seconds
+        self.probe = StageProbe(self.stage, config.data.batch_size)
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's node address and a free port there (as Ray Train does)."""
@@ -126,6 +128,10 @@ class StageWorker:
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.stage.predict(x.to(self.device)).cpu()
+
+    def snapshot(self) -> Snapshot:
+        """Metrics now; runs on the actor's second thread while ``run_epoch`` holds the first."""
+        return self.probe.snapshot(self.transport)
 
     def state(self) -> dict[str, dict[str, torch.Tensor]]:
         boundary = self.stage.boundary
@@ -321,6 +327,10 @@ class RayRun:
         for actor in self.actors:
             ref = actor.predict.remote(ref)  # refs chain actor to actor, not via the driver
         return ray.get(ref)
+
+    def snapshots(self) -> list[Snapshot]:
+        """Every stage's metrics now (the driver's poller calls this during an epoch)."""
+        return ray.get([a.snapshot.remote() for a in self.actors], timeout=10)
 
     def states(self) -> list[dict[str, dict[str, torch.Tensor]]]:
         return ray.get([a.state.remote() for a in self.actors])
