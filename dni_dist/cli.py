@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", dest="checkpoint_every", help="steps between checkpoints (0 = per epoch)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
     train.add_argument("--quiet", action="store_true", help="no per-epoch lines on stdout")
+    train.add_argument(
+        "--check", action="store_true", help="validate the config and plan the model on the data's shapes, then stop"
+    )
     rep = sub.add_parser("reproduce", help="the paper's experiments as figures and JSON (local engine)")
     rep.add_argument(
         "name", help="artificial | loss-shape | curves | representations | family | stochastic-updates | all"
@@ -99,11 +102,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.resume:
             overrides.append("checkpoint.resume=true")
         config = load_config(args.config, overrides + args.overrides)
+        if args.check or config.runtime == "ray":  # a Ray run fails late and far away: plan it here first
+            from dni_dist.preflight import preflight
+
+            plan = preflight(config)
+            if args.check:
+                print(f"config ok\n{plan}")
+                return 0
         from dni_dist.runner import train
 
         summary = train(config, verbose=not args.quiet)
     except ConfigError as exc:
-        print(f"dni-dist: error: {exc}", file=sys.stderr)
+        message = str(exc).replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever the user typed
+        print(f"dni-dist: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except RunFailed as exc:
         print(f"dni-dist: run failed: {exc}", file=sys.stderr)

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
+import math
+import os
+import re
+import threading
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -168,35 +173,42 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "dist.placement": ("pack", "spread"),
     "progress": ("auto", "bar", "lines", "off"),
 }
-# (low, high) inclusive; None = unbounded.
+# Longest wait a thread primitive accepts (threading.TIMEOUT_MAX is about 292 years on
+# Linux but smaller elsewhere); longer timeouts would overflow deep inside a run.
+_MAX_WAIT = min(1e7, threading.TIMEOUT_MAX)
+# (low, high) inclusive; None = unbounded. Sizes are bounded too: a typo must not ask a
+# plan for a matrix of terabytes.
 _RANGES: dict[str, tuple[float | None, float | None]] = {
     "segments": (1, 64),
-    "epochs": (1, None),
+    "epochs": (1, 1 << 20),
+    # Seeds are mixed into torch generator seeds (seed * 100_003 + epoch), which must fit 64 bits.
+    "seed": (0, 2**31 - 1),
     "update_prob": (0.0, 1.0),
     "sg_prop_alpha": (0.0, None),
     "log_every": (1, None),
     "metrics_port": (0, 65535),
     "nan_limit": (1, None),
     "sg.clip": (0.0, None),
+    "sg.scale": (0.0, None),
     "model.depth": (0, 1000),
-    "model.width": (1, None),
-    "model.channels": (1, None),
-    "sg.hidden": (1, None),
+    "model.width": (1, 1 << 20),
+    "model.channels": (1, 1 << 16),
+    "sg.hidden": (1, 1 << 20),
     "sg.hidden_layers": (0, 16),
-    "sg.rank": (1, None),
+    "sg.rank": (1, 1 << 20),
     "sg.target_lambda": (0.0, 1.0),
     "sg.lr": (0.0, None),
-    "sg.window": (1, None),
-    "data.batch_size": (1, None),
-    "data.dim": (1, None),
-    "data.samples": (8, None),
-    "data.outputs": (1, None),
+    "sg.window": (1, 1 << 24),
+    "data.batch_size": (1, 1 << 24),
+    "data.dim": (1, 1 << 20),
+    "data.samples": (8, 1 << 26),
+    "data.outputs": (1, 1 << 16),
     "optim.lr": (0.0, None),
     "optim.momentum": (0.0, 1.0),
     "optim.weight_decay": (0.0, None),
-    "dist.num_cpus": (1, None),
-    "dist.cpus_per_stage": (0.01, None),
-    "dist.timeout": (1.0, None),
+    "dist.num_cpus": (1, 1 << 20),
+    "dist.cpus_per_stage": (0.01, 1024.0),
+    "dist.timeout": (1.0, _MAX_WAIT),
     "dist.capacity": (1, 4096),
     "dist.max_in_flight": (1, 4096),
     "dist.chunk_bytes": (1024, 1 << 30),
@@ -240,7 +252,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} must be a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer literal beyond any float
+            raise ConfigError(f"{key}={value} is too large for a number") from None
+        if not math.isfinite(number):  # nan slips through every range comparison
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+        return number
     if annotation is str:
         if isinstance(value, bool):  # YAML reads `true` as a boolean; sg.target=true means the text
             # YAML 1.1 also reads on/off/yes/no as booleans: progress=off means the choice "off".
@@ -293,10 +311,104 @@ def _check(config: TrainConfig) -> None:
         if (low is not None and value < low) or (high is not None and value > high):
             span = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
             raise ConfigError(f"{key}={value} is out of range; allowed {span}")
+    _check_strings(flat)
+    _check_cross(config)
     if config.checkpoint.resume and not config.checkpoint.dir:
         raise ConfigError("checkpoint.resume=true needs checkpoint.dir (--checkpoint-dir DIR) to resume from")
     if config.cuts is not None and len(config.cuts) != config.segments - 1:
         raise ConfigError(f"cuts={config.cuts} needs segments={len(config.cuts) + 1}, got segments={config.segments}")
+
+
+# String fields that name a file system path, a host or an environment variable; free text
+# elsewhere is covered by _CHOICES.
+_PATHS = ("out", "data.path", "checkpoint.dir", "dist.grpc_tls_cert", "dist.grpc_tls_key", "dist.grpc_tls_ca")
+_HOST = re.compile(r"[A-Za-z0-9._:\-\[\]]+")
+_ADDRESS = re.compile(r"\S+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Largest artificial data set (samples x dim floats) generated in memory: 256 MB.
+_MAX_ARTIFICIAL_FLOATS = 1 << 26
+
+
+def _check_strings(flat: dict[str, Any]) -> None:
+    """Paths, hosts and names: non-empty, one line, and the right shape for what they name."""
+    for key, value in flat.items():
+        if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ConfigError(f"{key}={value!r} contains a control character; remove it")
+    for key in _PATHS:
+        value = flat[key]
+        if value is None:
+            continue
+        if not value.strip():
+            raise ConfigError(f"{key}={value!r} is empty; give a path or leave it unset")
+    for key in ("out", "checkpoint.dir"):  # directories this run creates
+        if flat[key] is not None:
+            # Stage actors on other nodes may write checkpoints where this node cannot.
+            _check_creatable(key, flat[key], writable=key == "out")
+    patterns = {"dist.grpc_bind": (_HOST, "a host name or IP address, e.g. 0.0.0.0")}
+    patterns["dist.address"] = (_ADDRESS, "a Ray address such as auto, HOST:6379 or ray://HOST:10001")
+    patterns["dist.grpc_token_env"] = (_ENV_NAME, "an environment variable name, e.g. DNI_GRPC_TOKEN")
+    for key, (pattern, what) in patterns.items():
+        value = flat[key]
+        if value is not None and not pattern.fullmatch(value):
+            raise ConfigError(f"{key}={value!r} is not {what}")
+
+
+def _check_creatable(key: str, value: str, writable: bool) -> None:
+    """A directory the run will create (or reuse): no file in the way and, if ``writable``,
+    the nearest existing ancestor writable here. A failing mkdir deep in a run is a traceback."""
+    path = Path(value)
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        is_dir = existing.is_dir()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise ConfigError(f"{key}={value!r} is not a usable path ({exc.strerror or exc.__class__.__name__})") from None
+    if not is_dir:
+        what = "is an existing file" if existing == path else f"lies under the file {str(existing)!r}"
+        raise ConfigError(f"{key}={value!r} {what}, not a directory; choose another path")
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={value!r}: {str(existing)!r} is not writable; choose another path")
+
+
+def _check_cross(config: TrainConfig) -> None:
+    """Constraints between fields that would otherwise fail deep inside a run. Those that
+    need the model's shapes (cut points past the last block, SG kind per cut) are checked
+    by dni_dist.preflight, which plans the model."""
+    if config.cuts is not None:
+        cuts = config.cuts
+        if any(c < 1 for c in cuts) or any(b <= a for a, b in itertools.pairwise(cuts)):
+            raise ConfigError(f"cuts={cuts} must be strictly increasing block indices >= 1")
+    d = config.dist
+    if d.slow_stage >= config.segments:
+        raise ConfigError(f"dist.slow_stage={d.slow_stage} names no stage; use -1..{config.segments - 1}")
+    if (d.grpc_tls_cert is None) != (d.grpc_tls_key is None):
+        raise ConfigError(
+            f"dist.grpc_tls_cert={d.grpc_tls_cert!r} and dist.grpc_tls_key={d.grpc_tls_key!r}: give both or neither"
+        )
+    batch = config.data.batch_size
+    if d.micro_batches > batch:
+        raise ConfigError(f"dist.micro_batches={d.micro_batches} exceeds data.batch_size={batch}; use 1..{batch}")
+    # Batch norm in training mode needs two examples per (micro-)batch: one alone has no variance.
+    model_bn = config.model.kind == "mlp" and config.model.batch_norm and config.model.depth > 0
+    sg_bn = config.method in ("sg", "sg-prop") and config.sg.kind == "mlp" and config.sg.hidden_layers > 0
+    if (model_bn or sg_bn) and batch // d.micro_batches < 2:
+        where = "model.batch_norm=true" if model_bn else "sg.kind=mlp (its hidden layers use batch norm)"
+        raise ConfigError(
+            f"data.batch_size={batch} with dist.micro_batches={d.micro_batches} leaves under 2 examples per batch, "
+            f"too few for {where}; use a larger data.batch_size"
+        )
+    data = config.data
+    if data.name == "artificial":
+        if data.task == "regression" and data.loss == "log":
+            raise ConfigError("data.loss='log' needs data.task=classification; use data.loss=mse or leave it unset")
+        if data.task == "classification" and data.outputs > 2:
+            raise ConfigError(f"data.outputs={data.outputs}: artificial classification is binary; use 1 or 2")
+        if data.grid and data.dim != 2:
+            raise ConfigError(f"data.grid=true needs data.dim=2, got data.dim={data.dim}")
+        if data.samples * data.dim > _MAX_ARTIFICIAL_FLOATS:
+            raise ConfigError(
+                f"data.samples={data.samples} x data.dim={data.dim} exceeds {_MAX_ARTIFICIAL_FLOATS} values; "
+                "lower one of them"
+            )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -316,10 +428,16 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     config = TrainConfig()
     if path is not None:
         file = Path(path)
-        if not file.is_file():
+        try:
+            found = file.is_file()
+        except OSError:  # a name too long for the file system, say
+            found = False
+        if not found:
             raise ConfigError(f"config file {path!r} does not exist")
         try:
-            data = yaml.safe_load(file.read_text())
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path!r} cannot be read ({exc.__class__.__name__}); check it") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""

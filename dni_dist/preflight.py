@@ -1,0 +1,81 @@
+"""Check a whole run before anything starts: the config's fields (config.py), then the data
+set's shapes and the plan of the model, its cuts and an SG at each cut.
+
+Models and SGs are built on PyTorch's ``meta`` device: every shape and constructor check
+runs, but no parameter memory is allocated and nothing is computed, so a plan for a huge
+model costs milliseconds. ``dni-dist train --check`` prints the result and stops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from dni_dist.builder import load_data, plan_model
+from dni_dist.config import TrainConfig
+from dni_dist.errors import ConfigError
+from dni_dist.methods import build_boundary
+from dni_dist.synthetic import build_sg
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _check_gpus(config: TrainConfig) -> None:
+    """NCCL needs one GPU per stage. Only an embedded Ray (no address) can be judged here:
+    it sees this machine's GPUs; a cluster's are counted when the run joins it."""
+    import os
+
+    if config.runtime != "ray" or config.transport != "nccl" or config.dist.address or os.environ.get("RAY_ADDRESS"):
+        return
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < config.segments:
+        raise ConfigError(
+            f"transport=nccl needs one GPU per stage ({config.segments}), this machine has {gpus}; "
+            "use transport=gloo or join a GPU cluster (--address)"
+        )
+
+
+def preflight(config: TrainConfig) -> str:
+    """Raise ConfigError for anything that would fail while building the run; else return
+    a one-line plan (blocks, cuts, shapes and parameter counts per segment)."""
+    _check_gpus(config)
+    dataset = load_data(config)  # the real data: its path, shapes and task
+    n_train = len(dataset.x_train)
+    if n_train < config.data.batch_size:
+        raise ConfigError(f"data.batch_size={config.data.batch_size} exceeds the {n_train} training samples; lower it")
+    task = dataset.task
+    # FA swaps each layer for a twin of the same shape, drawing seeds with .item(), which the
+    # meta device cannot do; the plan (shapes and parameters) is backprop's.
+    shaped = dataclasses.replace(config, method="backprop") if config.method == "fa" else config
+    with torch.device("meta"):
+        plan = plan_model(shaped, dataset.input_shape, task)
+        for k, shape in enumerate(plan.cut_shapes):
+            sg = None
+            if config.method in ("sg", "sg-prop"):
+                sg = build_sg(config.sg, shape, task.context_dim, where=f"cut {k + 1}")
+            build_boundary(config.method, sg, shape, task.n_outputs, config.seed * 31 + k, config.sg_prop_alpha)
+    blocks = [len(segment) for segment in plan.segments]
+    cuts = [sum(blocks[: i + 1]) for i in range(len(blocks) - 1)]
+    params = [_count(segment) for segment in plan.segments]
+    where = f"runtime={config.runtime}" + (f" transport={config.transport}" if config.runtime == "ray" else "")
+    return (
+        f"plan: {config.method} on {dataset.name} {_shape(dataset.input_shape)} ({n_train} train, "
+        f"{n_train // config.data.batch_size} steps/epoch), {config.model.kind} of {sum(blocks)} blocks in "
+        f"{config.segments} segments, cuts {_brief(cuts)}, cut shapes {_brief([_shape(s) for s in plan.cut_shapes])}, "
+        f"params per segment {_brief(params)} ({math.fsum(params):.0f} total), {where}"
+    )
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _brief(items: list) -> str:
+    """A list short enough for one line: its ends when it is long."""
+    if len(items) <= 6:
+        return "[" + ", ".join(map(str, items)) + "]"
+    return f"[{', '.join(map(str, items[:3]))}, ..., {', '.join(map(str, items[-2:]))}] ({len(items)})"
