@@ -385,17 +385,13 @@ def _check_cross(config: TrainConfig) -> None:
             f"dist.grpc_tls_cert={d.grpc_tls_cert!r} and dist.grpc_tls_key={d.grpc_tls_key!r}: give both or neither"
         )
     batch = config.data.batch_size
-    if d.micro_batches > batch:
-        raise ConfigError(f"dist.micro_batches={d.micro_batches} exceeds data.batch_size={batch}; use 1..{batch}")
-    # Batch norm in training mode needs two examples per (micro-)batch: one alone has no variance.
+    # Batch norm in training mode needs two examples per batch: one alone has no variance.
+    # (With dist.micro_batches every step is still a whole data.batch_size batch.)
     model_bn = config.model.kind == "mlp" and config.model.batch_norm and config.model.depth > 0
     sg_bn = config.method in ("sg", "sg-prop") and config.sg.kind == "mlp" and config.sg.hidden_layers > 0
-    if (model_bn or sg_bn) and batch // d.micro_batches < 2:
+    if (model_bn or sg_bn) and batch < 2:
         where = "model.batch_norm=true" if model_bn else "sg.kind=mlp (its hidden layers use batch norm)"
-        raise ConfigError(
-            f"data.batch_size={batch} with dist.micro_batches={d.micro_batches} leaves under 2 examples per batch, "
-            f"too few for {where}; use a larger data.batch_size"
-        )
+        raise ConfigError(f"data.batch_size={batch} is too small for {where}; use 2 or more")
     data = config.data
     if data.name == "artificial":
         if data.task == "regression" and data.loss == "log":
