@@ -63,6 +63,8 @@ def test_segments_accepts_repeats_and_comma_lists() -> None:
         (["--methods", "sg,bogus"], "bogus"),
         (["--segments", "3", "--batch-size", "32"], "divisible by K=3"),
         (["--segments", "4", "--micro-batches", "2", "--methods", "1f1b"], "1f1b needs"),
+        (["--target-accuracy", "0.9"], "does not take --target-accuracy"),
+        (["--windows", "1"], "--windows 1"),
     ],
 )
 def test_bad_bench_options_exit_2_before_starting_anything(capsys, tmp_path, args, message) -> None:

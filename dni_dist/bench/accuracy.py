@@ -96,17 +96,39 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
-def run(out: Path, quick: bool, segments: list[int], **opts: Any) -> dict[str, Any]:
-    methods = parse_methods(opts.get("methods"))
-    spec, target, max_epochs = make_spec(quick, opts)
-    ks = check_segments(segments, spec, methods)
+def run(
+    out: Path,
+    quick: bool,
+    segments: list[int],
+    *,
+    methods: str | None = None,
+    target_accuracy: float | None = None,
+    max_epochs: int | None = None,
+    width: int | None = None,
+    depth: int | None = None,
+    batch_size: int | None = None,
+    micro_batches: int | None = None,
+    cpus_per_stage: float | None = None,
+) -> dict[str, Any]:
+    opts = {
+        "target_accuracy": target_accuracy,
+        "max_epochs": max_epochs,
+        "width": width,
+        "depth": depth,
+        "batch_size": batch_size,
+        "micro_batches": micro_batches,
+        "cpus_per_stage": cpus_per_stage,
+    }
+    chosen = parse_methods(methods)
+    spec, target, epochs_cap = make_spec(quick, opts)
+    ks = check_segments(segments, spec, chosen)
     out.mkdir(parents=True, exist_ok=True)
     session = RaySession(max(ks), spec.cpus_per_stage)
     results = []
     try:
         for k in ks:
-            for method in methods:
-                r = time_to_target(method, k, spec, target, max_epochs)
+            for method in chosen:
+                r = time_to_target(method, k, spec, target, epochs_cap)
                 when = f"{r['time_to_target']:.2f} s" if r["time_to_target"] is not None else "not reached"
                 print(f"bench accuracy: {method} K={k}: {when} ({r['epochs']} epochs)", flush=True)
                 results.append(r)
@@ -115,7 +137,7 @@ def run(out: Path, quick: bool, segments: list[int], **opts: Any) -> dict[str, A
     setup = {
         **spec.describe(),
         "target_accuracy": target,
-        "max_epochs": max_epochs,
+        "max_epochs": epochs_cap,
         "clock": "training wall time only (driver); evaluation reported as eval_seconds; actor start-up excluded",
         "machine": machine(ks, spec.cpus_per_stage),
     }
@@ -124,8 +146,8 @@ def run(out: Path, quick: bool, segments: list[int], **opts: Any) -> dict[str, A
     (out / "accuracy.md").write_text(markdown(payload))
     bar_chart(
         out / "accuracy.png",
-        methods,
-        {f"K={k}": [_time(results, m, k) for m in methods] for k in ks},
+        chosen,
+        {f"K={k}": [_time(results, m, k) for m in chosen] for k in ks},
         f"training seconds to {target:.0%} test accuracy (no bar: not reached)",
         f"Time to target, {setup['model']}, batch {spec.batch_size}",
     )

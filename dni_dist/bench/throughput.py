@@ -93,29 +93,49 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def run(out: Path, quick: bool, segments: list[int], **opts: Any) -> dict[str, Any]:
-    methods = parse_methods(opts.get("methods"))
-    spec, windows = make_spec(quick, opts)
-    ks = check_segments(segments, spec, methods)
+def run(
+    out: Path,
+    quick: bool,
+    segments: list[int],
+    *,
+    methods: str | None = None,
+    width: int | None = None,
+    depth: int | None = None,
+    batch_size: int | None = None,
+    micro_batches: int | None = None,
+    cpus_per_stage: float | None = None,
+    windows: int | None = None,
+) -> dict[str, Any]:
+    opts = {
+        "width": width,
+        "depth": depth,
+        "batch_size": batch_size,
+        "micro_batches": micro_batches,
+        "cpus_per_stage": cpus_per_stage,
+        "windows": windows,
+    }
+    chosen = parse_methods(methods)
+    spec, n_windows = make_spec(quick, opts)
+    ks = check_segments(segments, spec, chosen)
     out.mkdir(parents=True, exist_ok=True)
     session = RaySession(max(ks), spec.cpus_per_stage)
     results = []
     try:
         for k in ks:
-            for method in methods:
-                record = measure(method, k, spec, windows)
+            for method in chosen:
+                record = measure(method, k, spec, n_windows)
                 print(f"bench throughput: {method} K={k}: {record['samples_per_second']:.0f} samples/s", flush=True)
                 results.append(record)
     finally:
         session.close()
-    setup = {**spec.describe(), "windows": windows, "warmup_windows": 1, "machine": machine(ks, spec.cpus_per_stage)}
+    setup = {**spec.describe(), "windows": n_windows, "warmup_windows": 1, "machine": machine(ks, spec.cpus_per_stage)}
     payload = {"setup": setup, "quick": quick, "results": results, "ratios": ratios(results)}
     write_json(out / "throughput.json", payload)
     (out / "throughput.md").write_text(markdown(payload))
     bar_chart(
         out / "throughput.png",
-        methods,
-        {f"K={k}": [_rate(results, m, k) for m in methods] for k in ks},
+        chosen,
+        {f"K={k}": [_rate(results, m, k) for m in chosen] for k in ks},
         "samples/s (median of timed windows)",
         f"Training throughput, {setup['model']}, batch {spec.batch_size}",
     )
