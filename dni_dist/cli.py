@@ -76,7 +76,63 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--quick", action="store_true", help="CI size: seconds to a minute each")
     rep.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     rep.add_argument("--data-dir", dest="data_dir", help="MNIST IDX directory for `curves` (default: digits)")
+    bench = sub.add_parser("bench", help="DNI vs backprop baselines, side by side in one run (Ray, gloo)")
+    bench.add_argument("name", help="throughput | accuracy | links | scale")
+    bench.add_argument(
+        "--segments", action="append", default=[], metavar="K", help="actors K (repeatable or a comma list; default 2)"
+    )
+    bench.add_argument("--quick", action="store_true", help="CI size: a few seconds per method")
+    bench.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
+    bench.add_argument("--target-accuracy", dest="target_accuracy", type=float, help="accuracy: the target")
+    bench.add_argument("--max-epochs", dest="max_epochs", type=int, help="accuracy: epochs cap per method")
+    bench.add_argument("--methods", help="comma list of methods (default: all)")
+    bench.add_argument("--width", type=int, help="MLP width")
+    bench.add_argument("--depth", type=int, help="MLP hidden layers")
+    bench.add_argument("--batch-size", dest="batch_size", type=int, help="mini-batch size")
+    bench.add_argument("--micro-batches", dest="micro_batches", type=int, help="gpipe/1f1b micro-batches (default 4)")
+    bench.add_argument("--cpus-per-stage", dest="cpus_per_stage", type=float, help="CPUs per actor (default 1)")
+    bench.add_argument("--windows", type=int, help="throughput: epochs timed per method, the first is warm-up")
     return parser
+
+
+_BENCH_OPTS = (
+    "target_accuracy",
+    "max_epochs",
+    "methods",
+    "width",
+    "depth",
+    "batch_size",
+    "micro_batches",
+    "cpus_per_stage",
+    "windows",
+)
+
+
+def _segments(values: list[str]) -> list[int]:
+    out = []
+    for text in ",".join(values).split(","):
+        if not text.strip():
+            continue
+        try:
+            out.append(int(text))
+        except ValueError:
+            raise ConfigError(f"--segments {text!r} must be an integer, e.g. --segments 2,4") from None
+    return out or [2]
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dni_dist.bench import run_bench
+
+    out = Path(args.out)
+    opts = {k: getattr(args, k) for k in _BENCH_OPTS}
+    run_bench(args.name, out, args.quick, _segments(args.segments), **opts)
+    md = out / f"{args.name}.md"
+    if md.exists():
+        print(md.read_text(), end="")
+    print(f"wrote {args.name}.json, .md and .png in {out}")
+    return 0
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -96,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "reproduce":
             return _reproduce(args)
+        if args.command == "bench":
+            return _bench(args)
         from dni_dist.config import load_config  # imported late: --help stays instant
 
         overrides = [f"{key}={getattr(args, flag)}" for flag, key in _FLAGS.items() if getattr(args, flag) is not None]

@@ -1,0 +1,165 @@
+"""``dni-dist bench throughput``: training samples/s of every method at K actors, in one run.
+
+Each method trains several epochs (windows) on the same data; the first ``warmup``
+windows (process start-up, gloo set-up, shape inference, allocator warm-up) are left out
+and the median of the rest is reported. A window is timed on the driver around the one
+call that trains it, the same way for every method. Writes OUT/throughput.json, .md, .png.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from dni_dist.bench.common import (
+    BASELINES,
+    DNI_METHODS,
+    ENGINE_METHODS,
+    RaySession,
+    Spec,
+    check_segments,
+    machine,
+    open_run,
+    parse_methods,
+)
+from dni_dist.bench.report import bar_chart, setup_lines, write_json
+from dni_dist.errors import ConfigError
+
+
+def make_spec(quick: bool, opts: dict[str, Any]) -> tuple[Spec, int]:
+    """The model and data (compute must dominate messaging at full size) and the windows."""
+    if quick:
+        width, depth, batch, samples, windows = 64, 3, 32, 400, 3
+    else:  # the busy-fraction benchmark's size: about 10 ms of compute per step and stage
+        width, depth, batch, samples, windows = 1024, 4, 256, 12000, 6
+    spec = Spec(
+        width=opts.get("width") or width,
+        depth=opts.get("depth") if opts.get("depth") is not None else depth,
+        batch_size=opts.get("batch_size") or batch,
+        data=("data.name=artificial", "data.dim=100", "data.outputs=2", f"data.samples={samples}"),
+        cpus_per_stage=opts.get("cpus_per_stage") or 1.0,
+        micro_batches=opts.get("micro_batches") or 4,
+    )
+    windows = opts.get("windows") or windows
+    if windows < 2:
+        raise ConfigError(f"--windows {windows}: need at least 2 (one warm-up, one timed)")
+    return spec, windows
+
+
+def measure(method: str, segments: int, spec: Spec, windows: int, warmup: int = 1) -> dict[str, Any]:
+    run, data = open_run(method, segments, spec)
+    samples = (len(data.x_train) // spec.batch_size) * spec.batch_size
+    rates = []
+    try:
+        for epoch in range(windows):
+            tick = time.perf_counter()
+            run.train_epoch(epoch)
+            rates.append(samples / (time.perf_counter() - tick))
+        extra: dict[str, Any] = {}
+        if method in ENGINE_METHODS:  # why the engine is as fast as it is: how busy each stage was
+            reports = run.epoch_reports[warmup:]  # type: ignore[attr-defined]
+            extra["busy_fraction"] = [
+                round(statistics.median(r[k]["busy_fraction"] for r in reports), 3) for k in range(segments)
+            ]
+    finally:
+        run.close()
+    timed = rates[warmup:]
+    return {
+        "method": method,
+        "segments": segments,
+        "samples_per_second": statistics.median(timed),
+        "windows": timed,
+        "warmup_windows": rates[:warmup],
+        "samples_per_window": samples,
+        **extra,
+    }
+
+
+def ratios(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Each DNI method over each backprop baseline and over the fastest one, per K."""
+    out: dict[str, float] = {}
+    for k in sorted({r["segments"] for r in results}):
+        at_k = {r["method"]: r["samples_per_second"] for r in results if r["segments"] == k}
+        base = {m: v for m, v in at_k.items() if m in BASELINES and v > 0}
+        for m in DNI_METHODS:
+            if m not in at_k:
+                continue
+            for b, v in base.items():
+                out[f"{m} / {b} (K={k})"] = at_k[m] / v
+            if base:
+                out[f"{m} / best backprop (K={k})"] = at_k[m] / max(base.values())
+    return out
+
+
+def run(
+    out: Path,
+    quick: bool,
+    segments: list[int],
+    *,
+    methods: str | None = None,
+    width: int | None = None,
+    depth: int | None = None,
+    batch_size: int | None = None,
+    micro_batches: int | None = None,
+    cpus_per_stage: float | None = None,
+    windows: int | None = None,
+) -> dict[str, Any]:
+    opts = {
+        "width": width,
+        "depth": depth,
+        "batch_size": batch_size,
+        "micro_batches": micro_batches,
+        "cpus_per_stage": cpus_per_stage,
+        "windows": windows,
+    }
+    chosen = parse_methods(methods)
+    spec, n_windows = make_spec(quick, opts)
+    ks = check_segments(segments, spec, chosen)
+    out.mkdir(parents=True, exist_ok=True)
+    session = RaySession(max(ks), spec.cpus_per_stage)
+    results = []
+    try:
+        for k in ks:
+            for method in chosen:
+                record = measure(method, k, spec, n_windows)
+                print(f"bench throughput: {method} K={k}: {record['samples_per_second']:.0f} samples/s", flush=True)
+                results.append(record)
+    finally:
+        session.close()
+    setup = {**spec.describe(), "windows": n_windows, "warmup_windows": 1, "machine": machine(ks, spec.cpus_per_stage)}
+    payload = {"setup": setup, "quick": quick, "results": results, "ratios": ratios(results)}
+    write_json(out / "throughput.json", payload)
+    (out / "throughput.md").write_text(markdown(payload))
+    bar_chart(
+        out / "throughput.png",
+        chosen,
+        {f"K={k}": [_rate(results, m, k) for m in chosen] for k in ks},
+        "samples/s (median of timed windows)",
+        f"Training throughput, {setup['model']}, batch {spec.batch_size}",
+    )
+    return payload
+
+
+def _rate(results: list[dict[str, Any]], method: str, k: int) -> float | None:
+    return next((r["samples_per_second"] for r in results if r["method"] == method and r["segments"] == k), None)
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    setup = payload["setup"]
+    lines = ["# Throughput: DNI vs backprop", "", *setup_lines(setup)]
+    lines.append(
+        f"- timing: {setup['windows']} epochs per method, the first left out as warm-up; "
+        "samples/s = median over the rest, driver wall clock"
+    )
+    lines += ["", "| K | method | samples/s | timed windows (min-max) | / backprop-1dev |", "|---|---|---|---|---|"]
+    for r in payload["results"]:
+        one = _rate(payload["results"], "backprop-1dev", r["segments"])
+        rel = f"{r['samples_per_second'] / one:.2f}" if one else ""
+        span = f"{min(r['windows']):.0f}-{max(r['windows']):.0f}"
+        lines.append(f"| {r['segments']} | {r['method']} | {r['samples_per_second']:.0f} | {span} | {rel} |")
+    if payload["ratios"]:
+        lines += ["", "| ratio (samples/s) | value |", "|---|---|"]
+        lines += [f"| {name} | {value:.2f} |" for name, value in payload["ratios"].items()]
+    return "\n".join(lines) + "\n"
