@@ -7,7 +7,11 @@
    processes. ``quick`` times fewer repeats and takes the link as a stated assumption.
 2. Validate: simulate (``scale_sim``) what the Ray engine should do for K=1 and K=2 and
    measure it (``runner.train``, runtime=ray, transport=gloo, one CPU per stage);
-   report predicted vs measured. ``quick`` skips the Ray runs.
+   report predicted vs measured. A second prediction rescales each stage's costs to the
+   compute seconds per step the engine recorded in that run: it checks the schedule model
+   (overlap, in-flight cap, link) apart from the drift of the cost measurement on a
+   shared machine (it cannot catch cost errors, only scheduling ones). ``quick`` skips
+   the Ray runs.
 3. Predict K stages on a GPU cluster from a stated model and hardware (``ClusterModel``,
    ``cluster_profile``): every number that goes in is written to scale.json.
 
@@ -339,9 +343,10 @@ def run(out: Path, quick: bool, segments: list[int]) -> dict[str, Any]:
     }
     if 8 in segments:
         result["checks"]["dni_k8_at_least_7.2x"] = predictions["dni_inflight2K"]["8"]["speedup"] >= 7.2
-    errors = [abs(r["error"]) for r in validation if r["error"] is not None]
-    if errors:
-        result["checks"]["validation_within_15pct"] = max(errors) <= 0.15
+    for key, check in (("error", "validation_within_15pct"), ("error_in_run_costs", "validation_in_run_within_15pct")):
+        errors = [abs(r[key]) for r in validation if r.get(key) is not None]
+        if errors:
+            result["checks"][check] = max(errors) <= 0.15
     result["seconds"] = time.perf_counter() - started
     (out / "scale.json").write_text(json.dumps(result, indent=2, allow_nan=False))
     (out / "scale.md").write_text(_markdown(result))
