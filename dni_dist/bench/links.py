@@ -109,7 +109,8 @@ def run(
     latencies: list[float] | None = None,
     bandwidth: float = 0.0,
 ) -> dict[str, Any]:
-    """Sweep link latency for every K in ``segments``; write links.json/.md/.png under ``out``."""
+    """Sweep link latency for every K in ``segments`` (default 2); write links.json/.md/.png under ``out``."""
+    segments = segments or [2]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = _sizes(quick)

@@ -100,6 +100,10 @@ class ClusterModel:
         return out
 
 
+# The stage counts the cluster prediction covers when none are given.
+CLUSTER_SEGMENTS: tuple[int, ...] = (4, 8, 16, 32, 64)
+
+
 def cluster_profile() -> Profile:
     """8 GPUs per node on NVLink, nodes on InfiniBand NDR; latencies include software."""
     return Profile(
@@ -319,7 +323,8 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
 def run(out: Path, quick: bool, segments: list[int]) -> dict[str, Any]:
     """Measure, validate (Ray runs unless quick), predict; write scale.json/.md/.png."""
-    if not segments or any(k < 1 for k in segments):
+    segments = segments or list(CLUSTER_SEGMENTS)
+    if any(k < 1 for k in segments):
         from dni_dist.errors import ConfigError
 
         raise ConfigError(f"segments={segments} must be one or more stage counts >= 1")
@@ -358,7 +363,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/scale")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--segments", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    parser.add_argument("--segments", type=int, nargs="+", default=list(CLUSTER_SEGMENTS))
     args = parser.parse_args()
     result = run(Path(args.out), args.quick, args.segments)
     print(_markdown(result))
