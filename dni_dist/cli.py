@@ -92,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--micro-batches", dest="micro_batches", type=int, help="gpipe/1f1b micro-batches (default 4)")
     bench.add_argument("--cpus-per-stage", dest="cpus_per_stage", type=float, help="CPUs per actor (default 1)")
     bench.add_argument("--windows", type=int, help="throughput: epochs timed per method, the first is warm-up")
+    bench.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        metavar="KEY=VALUE",
+        help="config override for every method, e.g. --set sg.kind=lowrank (repeatable)",
+    )
     return parser
 
 
@@ -105,6 +112,7 @@ _BENCH_OPTS = (
     "micro_batches",
     "cpus_per_stage",
     "windows",
+    "settings",
 )
 
 

@@ -39,6 +39,7 @@ def make_spec(quick: bool, opts: dict[str, Any]) -> tuple[Spec, float, int]:
         data=("data.name=digits",),
         cpus_per_stage=opts.get("cpus_per_stage") or 1.0,
         micro_batches=opts.get("micro_batches") or 4,
+        extra=tuple(opts.get("settings") or ()),
     )
     target = opts.get("target_accuracy") or target
     if not 0.0 < target <= 1.0:
@@ -109,6 +110,7 @@ def run(
     batch_size: int | None = None,
     micro_batches: int | None = None,
     cpus_per_stage: float | None = None,
+    settings: list[str] | None = None,
 ) -> dict[str, Any]:
     opts = {
         "target_accuracy": target_accuracy,
@@ -118,6 +120,7 @@ def run(
         "batch_size": batch_size,
         "micro_batches": micro_batches,
         "cpus_per_stage": cpus_per_stage,
+        "settings": settings,
     }
     chosen = parse_methods(methods)
     spec, target, epochs_cap = make_spec(quick, opts)

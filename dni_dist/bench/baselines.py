@@ -1,5 +1,7 @@
 """The backprop baselines a user would otherwise pick, in plain torch inside Ray actors:
 
+- ``backprop-1core``: the whole model in one actor with ONE actor's CPUs (cpus_per_stage):
+  "one device" in the GPU sense;
 - ``backprop-1dev``: the whole model in one actor with K x cpus_per_stage CPUs and as many
   torch threads (the CPUs the K actors get together);
 - ``gpipe`` / ``1f1b``: ``torch.distributed.pipelining`` over K actors on gloo, each
@@ -123,8 +125,11 @@ class TorchRun:
         self.config = config
         self.method = method
         cps = config.dist.cpus_per_stage or 1.0
-        mode = {"backprop-1dev": "single", "gpipe": "pipeline", "1f1b": "pipeline", "ddp": "ddp"}[method]
-        if mode == "single":
+        modes = {"backprop-1core": "single", "backprop-1dev": "single", "gpipe": "pipeline", "1f1b": "pipeline"}
+        mode = modes.get(method, "ddp")
+        if method == "backprop-1core":  # one device: one actor's share of the CPUs
+            world, cpus, threads = 1, cps, max(1, int(cps))
+        elif mode == "single":
             world, cpus, threads = 1, segments * cps, max(1, round(segments * cps))
         else:
             world, cpus, threads = segments, cps, max(1, int(cps))

@@ -23,7 +23,10 @@ from dni_dist.config import TrainConfig, load_config
 from dni_dist.errors import ConfigError
 
 # What a user would otherwise pick (all backprop), then the unlocked methods.
-BASELINES: tuple[str, ...] = ("backprop-1dev", "backprop-naive-mp", "gpipe", "1f1b", "ddp")
+# backprop-1core is "one device" as a GPU cluster means it: the compute of ONE of the K
+# actors; backprop-1dev is one process with all K actors' CPUs as threads (on CPUs, one
+# process can use every core; on GPUs it cannot use the other GPUs).
+BASELINES: tuple[str, ...] = ("backprop-1core", "backprop-1dev", "backprop-naive-mp", "gpipe", "1f1b", "ddp")
 DNI_METHODS: tuple[str, ...] = ("sg-bootstrap", "sg-true", "dfa")
 METHODS: tuple[str, ...] = BASELINES + DNI_METHODS
 
@@ -59,6 +62,7 @@ class Spec:
             "cpus_per_stage": self.cpus_per_stage,
             "micro_batches": self.micro_batches,
             "seed": self.seed,
+            "settings": list(self.extra),
         }
 
 

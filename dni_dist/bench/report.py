@@ -24,8 +24,9 @@ def setup_lines(setup: dict[str, Any]) -> list[str]:
         f"- command: `{m['command']}`",
         f"- model: {setup['model']}, batch {setup['batch_size']}, {setup['optimizer']}, seed {setup['seed']}",
         f"- data: {' '.join(setup['data'])}",
-        f"- CPUs: {setup['cpus_per_stage']:g} per actor; backprop-1dev gets K x that as one process's threads; "
-        f"gpipe/1f1b: {setup['micro_batches']} micro-batches",
+        f"- CPUs: {setup['cpus_per_stage']:g} per actor; backprop-1core gets one actor's, backprop-1dev K x that "
+        f"as one process's threads; gpipe/1f1b: {setup['micro_batches']} micro-batches",
+        f"- settings for every method: {' '.join(setup.get('settings') or []) or 'none'}",
         f"- machine: {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}, torch {m['torch']}, {m['device']}; "
         f"{m['date']}",
     ]

@@ -41,6 +41,7 @@ def make_spec(quick: bool, opts: dict[str, Any]) -> tuple[Spec, int]:
         data=("data.name=artificial", "data.dim=100", "data.outputs=2", f"data.samples={samples}"),
         cpus_per_stage=opts.get("cpus_per_stage") or 1.0,
         micro_batches=opts.get("micro_batches") or 4,
+        extra=tuple(opts.get("settings") or ()),
     )
     windows = opts.get("windows") or windows
     if windows < 2:
@@ -104,6 +105,7 @@ def run(
     batch_size: int | None = None,
     micro_batches: int | None = None,
     cpus_per_stage: float | None = None,
+    settings: list[str] | None = None,
     windows: int | None = None,
 ) -> dict[str, Any]:
     opts = {
@@ -113,6 +115,7 @@ def run(
         "micro_batches": micro_batches,
         "cpus_per_stage": cpus_per_stage,
         "windows": windows,
+        "settings": settings,
     }
     chosen = parse_methods(methods)
     spec, n_windows = make_spec(quick, opts)
@@ -153,12 +156,20 @@ def markdown(payload: dict[str, Any]) -> str:
         f"- timing: {setup['windows']} epochs per method, the first left out as warm-up; "
         "samples/s = median over the rest, driver wall clock"
     )
-    lines += ["", "| K | method | samples/s | timed windows (min-max) | / backprop-1dev |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| K | method | samples/s | timed windows (min-max) | / backprop-1core | / backprop-1dev |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in payload["results"]:
-        one = _rate(payload["results"], "backprop-1dev", r["segments"])
-        rel = f"{r['samples_per_second'] / one:.2f}" if one else ""
+        rels = []
+        for reference in ("backprop-1core", "backprop-1dev"):
+            one = _rate(payload["results"], reference, r["segments"])
+            rels.append(f"{r['samples_per_second'] / one:.2f}" if one else "")
         span = f"{min(r['windows']):.0f}-{max(r['windows']):.0f}"
-        lines.append(f"| {r['segments']} | {r['method']} | {r['samples_per_second']:.0f} | {span} | {rel} |")
+        lines.append(
+            f"| {r['segments']} | {r['method']} | {r['samples_per_second']:.0f} | {span} | {rels[0]} | {rels[1]} |"
+        )
     if payload["ratios"]:
         lines += ["", "| ratio (samples/s) | value |", "|---|---|"]
         lines += [f"| {name} | {value:.2f} |" for name, value in payload["ratios"].items()]
