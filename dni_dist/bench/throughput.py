@@ -32,8 +32,11 @@ def make_spec(quick: bool, opts: dict[str, Any]) -> tuple[Spec, int]:
     """The model and data (compute must dominate messaging at full size) and the windows."""
     if quick:
         width, depth, batch, samples, windows = 64, 3, 32, 400, 3
-    else:  # the busy-fraction benchmark's size: about 10 ms of compute per step and stage
-        width, depth, batch, samples, windows = 1024, 4, 256, 12000, 6
+    else:
+        # 8 hidden layers of 1024: K=2 cuts into equal halves of four layers (with 4 hidden
+        # layers the only cuts leave 1.1M vs 2.1M parameters, so the pipeline would measure
+        # its imbalance); ~80 ms of compute per step and stage, so compute dominates messaging.
+        width, depth, batch, samples, windows = 1024, 9, 256, 12000, 6
     spec = Spec(
         width=opts.get("width") or width,
         depth=opts.get("depth") if opts.get("depth") is not None else depth,
