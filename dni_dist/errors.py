@@ -16,3 +16,14 @@ class RunFailed(RuntimeError):
 
 class StageLost(RuntimeError):
     """A stage actor died or its links failed; the driver may restart from a checkpoint."""
+
+
+def reason(exc: BaseException) -> str:
+    """The last line of an error's text without its class prefix: a remote error (Ray's
+    RayTaskError) carries the whole remote traceback in its text."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return exc.__class__.__name__
+    last = lines[-1]
+    prefix, sep, rest = last.partition(": ")
+    return rest if sep and "." in prefix and " " not in prefix else last

@@ -19,7 +19,7 @@ from dni_dist.builder import load_data
 from dni_dist.checkpoint import Position
 from dni_dist.config import TrainConfig
 from dni_dist.data import Dataset
-from dni_dist.errors import ConfigError, RunFailed, StageLost
+from dni_dist.errors import ConfigError, RunFailed, StageLost, reason
 from dni_dist.monitor import Monitor
 from dni_dist.recovery import CheckpointKeeper
 from dni_dist.stage import NumericFault
@@ -102,7 +102,7 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
                     monitor.job.record_restart(count)
                     continue
                 except NumericFault as fault:
-                    raise RunFailed(f"{fault}; last good checkpoint: {keeper.save_last()}") from None
+                    raise RunFailed(f"{reason(fault)}; last good checkpoint: {keeper.save_last()}") from None
                 train_seconds += time.perf_counter() - tick
                 samples += count * config.data.batch_size
                 for i in range(len(chunk_losses)):

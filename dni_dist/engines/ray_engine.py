@@ -26,7 +26,7 @@ from dni_dist.config import TrainConfig
 from dni_dist.data import Dataset, batches
 from dni_dist.engines.stage_loop import StageLoop
 from dni_dist.engines.wiring import all_streams, streams_of
-from dni_dist.errors import ConfigError, StageLost
+from dni_dist.errors import ConfigError, StageLost, reason
 from dni_dist.metrics import Snapshot, StageProbe
 from dni_dist.tasks import Task
 from dni_dist.transports.base import Stream, Transport, TransportError
@@ -296,8 +296,7 @@ class RayRun:
             except ray.exceptions.RayActorError as exc:
                 raise StageLost(f"stage {stage}'s actor died ({exc.__class__.__name__})") from None
             except TransportError as exc:
-                reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
-                raise StageLost(f"stage {stage} lost a link: {reason}") from None
+                raise StageLost(f"stage {stage} lost a link: {reason(exc)}") from None
         self._in_epoch = False
         self.step += count
         ordered = [reports[i] for i in range(len(self.actors))]
