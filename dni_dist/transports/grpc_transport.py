@@ -6,7 +6,9 @@ the receiver: a handshake first (protocol version, run id, stream, tensor shapes
 dtypes), then every message as frames of about 1 MiB. The receiver acknowledges a message
 once its bounded queue has taken it; a sender keeps at most ``capacity`` messages
 unacknowledged, so a slow receiver blocks its sender exactly as the engine's queues do.
-CUDA tensors travel as host copies.
+CUDA tensors travel as host copies. Every message is checked (codec.py, validate.py)
+before it is acknowledged. Off loopback the server requires TLS and a shared token
+(grpc_security.py).
 """
 
 from __future__ import annotations
