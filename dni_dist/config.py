@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import itertools
 import math
 import os
@@ -288,6 +289,27 @@ def _apply(target: Any, updates: dict[str, Any], prefix: str = "") -> None:
             setattr(target, name, _coerce(key, value, hints[name]))
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a bind address reaches only this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_grpc_security(dist: DistConfig) -> None:
+    """Off loopback, stages must speak TLS (cert and key come together: _check_cross; the
+    token is checked where transports start: it lives in the environment, which Ray workers
+    inherit and the driver may not have)."""
+    if not is_loopback(dist.grpc_bind) and dist.grpc_tls_cert is None:
+        raise ConfigError(
+            f"dist.grpc_bind={dist.grpc_bind} is not loopback: gRPC off loopback needs TLS "
+            "(set dist.grpc_tls_cert and dist.grpc_tls_key) and a token in $" + dist.grpc_token_env
+        )
+
+
 def _check(config: TrainConfig) -> None:
     flat: dict[str, Any] = {}
 
@@ -313,6 +335,8 @@ def _check(config: TrainConfig) -> None:
             raise ConfigError(f"{key}={value} is out of range; allowed {span}")
     _check_strings(flat)
     _check_cross(config)
+    if config.transport == "grpc":
+        _check_grpc_security(config.dist)
     if config.checkpoint.resume and not config.checkpoint.dir:
         raise ConfigError("checkpoint.resume=true needs checkpoint.dir (--checkpoint-dir DIR) to resume from")
     if config.cuts is not None and len(config.cuts) != config.segments - 1:

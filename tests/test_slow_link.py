@@ -20,7 +20,7 @@ SIZE = 1000  # floats per message
 def link(request):
     """(slowed sender at rank 0, plain receiver at rank 1) over one stream 0 -> 1."""
     latency, bandwidth, in_flight = request.param
-    stream = Stream(0, 1, True, (SIZE,))
+    stream = Stream(0, 1, True, (SIZE,), labels_shape=(1,))
     hub = InProcessHub(capacity=4)
     sender = SlowLinkTransport(InProcessTransport(hub, 0, [], [stream]), latency, bandwidth, in_flight)
     receiver = InProcessTransport(hub, 1, [stream], [])

@@ -58,10 +58,13 @@ class StageWorker:
 
     def listen(self, streams: list[Stream], run_id: str) -> str:
         """gRPC: start this stage's server; returns the address peers should dial."""
+        from dni_dist.transports.grpc_security import GrpcSecurity
         from dni_dist.transports.grpc_transport import GrpcTransport
 
         cfg = self.config
         bind = cfg.dist.grpc_bind
+        d = cfg.dist  # the token comes from this worker's environment (runtime_env env_vars)
+        security = GrpcSecurity.from_settings(d.grpc_tls_cert, d.grpc_tls_key, d.grpc_tls_ca, d.grpc_token_env)
         advertise = ray.util.get_node_ip_address() if bind in ("0.0.0.0", "::", "[::]") else bind
         inbound, outbound = streams_of(self.index, streams)
         self.transport = GrpcTransport(
@@ -75,6 +78,9 @@ class StageWorker:
             self.device,
             cfg.dist.chunk_bytes,
             cfg.dist.timeout,
+            security,
+            cfg.dist.max_message_bytes,
+            cfg.dist.grpc_token_env,
         )
         return self.transport.address
 
@@ -90,7 +96,15 @@ class StageWorker:
             inbound, outbound = streams_of(self.index, streams)
             wire = self.device if backend == "nccl" else torch.device("cpu")
             self.transport = TorchDistTransport(
-                self.index, inbound, outbound, up, down, wire, self.device, cfg.dist.capacity
+                self.index,
+                inbound,
+                outbound,
+                up,
+                down,
+                wire,
+                self.device,
+                cfg.dist.capacity,
+                cfg.dist.max_message_bytes,
             )
         if cfg.dist.link_latency or cfg.dist.link_bandwidth:  # an emulated slow link, for benchmarks
             self.transport = SlowLinkTransport(self.transport, cfg.dist.link_latency, cfg.dist.link_bandwidth)

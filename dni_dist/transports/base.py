@@ -14,6 +14,7 @@ allocate before it knows what is coming, which is what NCCL and gloo point-to-po
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -88,7 +89,17 @@ def message_bytes(msg: Message) -> int:
 class Transport(ABC):
     """Threads move bytes; the stage loop only sees ``send``/``recv``."""
 
-    def __init__(self, rank: int, inbound: list[Stream], outbound: list[Stream], capacity: int = 4) -> None:
+    def __init__(
+        self,
+        rank: int,
+        inbound: list[Stream],
+        outbound: list[Stream],
+        capacity: int = 4,
+        max_message_bytes: int | None = None,
+    ) -> None:
+        # validate.py builds on this module's Stream and TransportError, hence the late import.
+        from dni_dist.transports.validate import DEFAULT_MAX_MESSAGE_BYTES, SentSteps, StreamGuard
+
         self.rank = rank
         self.inbound = {s.src: s for s in inbound}
         self.outbound = {s.dst: s for s in outbound}
@@ -102,6 +113,9 @@ class Transport(ABC):
             dst: queue.Queue(maxsize=capacity) for dst in self.outbound
         }
         self._threads: list[threading.Thread] = []
+        self.max_message_bytes = max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES
+        self._sent_steps = SentSteps()
+        self.guards = {src: StreamGuard(s, self._sent_steps, self.max_message_bytes) for src, s in self.inbound.items()}
 
     def start(self) -> None:
         for src, stream in self.inbound.items():
@@ -130,6 +144,7 @@ class Transport(ABC):
         if msg.dst not in self._outboxes:
             raise TransportError(f"rank {self.rank} has no stream to stage {msg.dst} for a {msg.kind.value}")
         outbox = self._outboxes[msg.dst]
+        self._sent_steps.record(msg)  # before it leaves: a reply can only follow this
         while True:
             self._check()
             try:
@@ -183,7 +198,10 @@ class Transport(ABC):
         for armed in self._armed.values():
             armed.put(None)
         for outbox in self._outboxes.values():
-            outbox.put(None)
+            # A full outbox means its sender thread is blocked on the peer: it is a daemon
+            # and is left behind, but close itself must never block.
+            with contextlib.suppress(queue.Full):
+                outbox.put_nowait(None)
         for thread in self._threads:
             thread.join(timeout=5)
 
@@ -192,6 +210,7 @@ class Transport(ABC):
         while (count := armed.get()) is not None:
             for _ in range(count):
                 msg = self._receive_one(stream)
+                self._admit(stream, msg)
                 self.stats.add(False, message_bytes(msg))
                 while True:  # a full inbox blocks this thread: backpressure on the sender
                     try:
@@ -208,6 +227,10 @@ class Transport(ABC):
                 self.stats.add(True, message_bytes(msg))
             finally:
                 outbox.task_done()
+
+    def _admit(self, stream: Stream, msg: Message) -> None:
+        """Check a received message against its stream (validate.py); raises WireViolation."""
+        self.guards[stream.src].check(msg)
 
     @abstractmethod
     def _send_one(self, stream: Stream, msg: Message) -> None: ...

@@ -6,13 +6,14 @@ the receiver: a handshake first (protocol version, run id, stream, tensor shapes
 dtypes), then every message as frames of about 1 MiB. The receiver acknowledges a message
 once its bounded queue has taken it; a sender keeps at most ``capacity`` messages
 unacknowledged, so a slow receiver blocks its sender exactly as the engine's queues do.
-CUDA tensors travel as host copies.
+CUDA tensors travel as host copies. Every message is checked (codec.py, validate.py)
+before it is acknowledged. Off loopback the server requires TLS and a shared token
+(grpc_security.py).
 """
 
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -22,37 +23,55 @@ import torch
 
 from dni_dist.messages import Message
 from dni_dist.transports.base import Stream, Transport, TransportError
+from dni_dist.transports.grpc_security import GrpcSecurity
+from dni_dist.transports.validate import StreamGuard, WireViolation
 from dni_dist.wire import dni_pb2 as pb
 from dni_dist.wire import dni_pb2_grpc as pb_grpc
 from dni_dist.wire.codec import CHUNK_BYTES, Assembler, WireError, check_handshake, handshake, message_frames
 
-_MAX_MESSAGE = 16 * 2**20  # a frame is about one chunk; leave room for headers and labels
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", _MAX_MESSAGE),
-    ("grpc.max_send_message_length", _MAX_MESSAGE),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", _MAX_MESSAGE),
-    ("grpc.max_send_message_length", _MAX_MESSAGE),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-]
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_MIN_FRAME = 16 * 2**20  # a frame is about one chunk; leave room for headers and labels
+_KEEPALIVE = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+
+
+def frame_limit(chunk_bytes: int, max_message_bytes: int) -> int:
+    """Largest frame either side handles: a chunk plus labels and headers, and never more
+    than a whole message may be (so an oversized frame is refused before it is parsed)."""
+    return min(max(_MIN_FRAME, 2 * chunk_bytes), max_message_bytes + 2**20)
+
+
+def channel_options(limit: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        *_KEEPALIVE,
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options(limit: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
+
+
 _END = object()
 
 
 class StageServicer(pb_grpc.StageServicer):
-    """The receiving side: checks each stream's handshake and frames, then delivers
-    whole messages through ``deliver`` (which blocks while the stage's queue is full)."""
+    """The receiving side: checks each stream's handshake, frames and messages (the
+    stream's guard, validate.py), then delivers whole messages through ``deliver`` (which
+    blocks while the stage's queue is full). A bad call ends with an error status; the
+    server and its other streams carry on."""
 
-    def __init__(self, rank: int, run_id: str, inbound: dict[int, Stream], deliver) -> None:
+    def __init__(self, rank: int, run_id: str, inbound: dict[int, Stream], guards: dict[int, StreamGuard], deliver):
         self.rank = rank
         self.run_id = run_id
         self.inbound = inbound
+        self.guards = guards
         self.deliver = deliver
 
     def _open(self, requests: Iterator[pb.Frame], context: grpc.ServicerContext) -> Stream:
@@ -68,14 +87,21 @@ class StageServicer(pb_grpc.StageServicer):
     def _messages(self, requests: Iterator[pb.Frame], context: grpc.ServicerContext, stream: Stream) -> Iterator[int]:
         """Assemble, check and deliver each message; yields its step once delivered."""
         assembler = Assembler(stream)
+        guard = self.guards[stream.src]
         for frame in requests:
             try:
                 msg = assembler.feed(frame)
+                if msg is not None:
+                    guard.check(msg)
             except WireError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"stream {stream.name}: {exc}")
+            except WireViolation as exc:  # names the stream itself
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             if msg is not None:
                 self.deliver(msg)
                 yield msg.step
+        if assembler.partial:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"stream {stream.name}: ended inside a message")
 
     def Exchange(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext) -> Iterator[pb.Ack]:
         stream = self._open(request_iterator, context)
@@ -94,11 +120,13 @@ class StageServicer(pb_grpc.StageServicer):
 class _Outbound:
     """One Exchange call: frames go into a queue its request iterator drains."""
 
-    def __init__(self, channel: grpc.Channel, stream: Stream, run_id: str, timeout: float) -> None:
+    def __init__(
+        self, channel: grpc.Channel, stream: Stream, run_id: str, timeout: float, metadata: list[tuple[str, str]]
+    ) -> None:
         self.channel = channel
         self.frames: queue.Queue = queue.Queue(maxsize=64)
         self.frames.put(handshake(stream, run_id))
-        self.acks = pb_grpc.StageStub(channel).Exchange(self._requests())
+        self.acks = pb_grpc.StageStub(channel).Exchange(self._requests(), metadata=metadata)
         self.unacked = 0
         self.timeout = timeout
         ack = self.next_ack()
@@ -134,24 +162,28 @@ class GrpcTransport(Transport):
         compute_device: torch.device | None = None,
         chunk_bytes: int = CHUNK_BYTES,
         timeout: float = 300.0,
+        security: GrpcSecurity | None = None,
+        max_message_bytes: int | None = None,
+        token_env: str = "DNI_GRPC_TOKEN",
     ) -> None:
-        super().__init__(rank, inbound, outbound, capacity)
+        self.security = security or GrpcSecurity()
+        self.security.require_for(bind_host, token_env)  # ConfigError off loopback without TLS and token
+        super().__init__(rank, inbound, outbound, capacity, max_message_bytes)
         self.run_id = run_id
         self.chunk_bytes = chunk_bytes
         self.timeout = timeout
         self.compute_device = compute_device or torch.device("cpu")
         self._delivered = {src: queue.Queue(maxsize=capacity) for src in self.inbound}
         self._outbound: dict[int, _Outbound] = {}
-        if bind_host not in LOOPBACK:
-            print(
-                f"dni-dist: warning: gRPC stage {rank} listens on {bind_host} without TLS or a token; "
-                "use it only on a trusted network",
-                file=sys.stderr,
-            )
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=len(inbound) + 4), options=SERVER_OPTIONS)
-        servicer = StageServicer(rank, run_id, self.inbound, self._deliver)
+        self.frame_limit = frame_limit(chunk_bytes, self.max_message_bytes)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=len(inbound) + 4),
+            interceptors=self.security.interceptors(),
+            options=server_options(self.frame_limit),
+        )
+        servicer = StageServicer(rank, run_id, self.inbound, self.guards, self._deliver)
         pb_grpc.add_StageServicer_to_server(servicer, self.server)
-        port = self.server.add_insecure_port(f"{bind_host}:0")
+        port = self.security.add_port(self.server, f"{bind_host}:0")
         if port == 0:
             raise TransportError(f"stage {rank}: could not listen on {bind_host}")
         self.server.start()
@@ -164,9 +196,9 @@ class GrpcTransport(Transport):
     def connect(self, peers: dict[int, str]) -> None:
         """Open the outbound streams (handshakes included) to the peers' servers."""
         for dst, stream in self.outbound.items():
-            channel = grpc.insecure_channel(peers[dst], options=CHANNEL_OPTIONS)
+            channel = self.security.channel(peers[dst], channel_options(self.frame_limit))
             grpc.channel_ready_future(channel).result(timeout=self.timeout)
-            self._outbound[dst] = _Outbound(channel, stream, self.run_id, self.timeout)
+            self._outbound[dst] = _Outbound(channel, stream, self.run_id, self.timeout, self.security.metadata())
 
     def _send_one(self, stream: Stream, msg: Message) -> None:
         out = self._outbound[stream.dst]
@@ -178,6 +210,9 @@ class GrpcTransport(Transport):
         for frame in message_frames(msg, self.chunk_bytes):
             out.frames.put(frame)
         out.unacked += 1
+
+    def _admit(self, stream: Stream, msg: Message) -> None:
+        """Nothing to do: the servicer checked the message before acknowledging it."""
 
     def _receive_one(self, stream: Stream) -> Message:
         msg = self._delivered[stream.src].get()

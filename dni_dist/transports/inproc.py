@@ -20,8 +20,16 @@ class InProcessHub:
 
 
 class InProcessTransport(Transport):
-    def __init__(self, hub: InProcessHub, rank: int, inbound: list[Stream], outbound: list[Stream], capacity: int = 4):
-        super().__init__(rank, inbound, outbound, capacity)
+    def __init__(
+        self,
+        hub: InProcessHub,
+        rank: int,
+        inbound: list[Stream],
+        outbound: list[Stream],
+        capacity: int = 4,
+        max_message_bytes: int | None = None,
+    ):
+        super().__init__(rank, inbound, outbound, capacity, max_message_bytes)
         self.hub = hub
 
     def _send_one(self, stream: Stream, msg: Message) -> None:

@@ -133,7 +133,9 @@ class SlowLinkTransport:
     @property
     def queued(self) -> int:
         """Messages held in this process: the inner transport's queues plus the delay lines."""
-        return self.inner.queued + sum(line.items.qsize() for line in self._lines.values())
+        # unfinished_tasks, not qsize: a message taken off the line but not yet handed to the
+        # inner transport is still held here.
+        return self.inner.queued + sum(line.items.unfinished_tasks for line in self._lines.values())
 
     def close(self) -> None:
         for line in self._lines.values():

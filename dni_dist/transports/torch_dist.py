@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from dni_dist.messages import Message
 from dni_dist.transports.base import CODE_KINDS, KIND_CODES, Stream, Transport
+from dni_dist.transports.validate import WireViolation
 
 
 def free_port() -> int:
@@ -59,8 +60,9 @@ class TorchDistTransport(Transport):
         wire_device: torch.device,
         compute_device: torch.device,
         capacity: int = 4,
+        max_message_bytes: int | None = None,
     ) -> None:
-        super().__init__(rank, inbound, outbound, capacity)
+        super().__init__(rank, inbound, outbound, capacity, max_message_bytes)
         self.up_group = up_group
         self.down_group = down_group
         self.wire_device = wire_device  # cpu for gloo, cuda for nccl
@@ -94,9 +96,11 @@ class TorchDistTransport(Transport):
             labels = torch.empty(stream.labels_shape, dtype=stream.labels_dtype, device=self.wire_device)
             dist.recv(labels, src=stream.src, group=group)
         self._sync()
-        kind, step = (int(v) for v in header.tolist())
+        code, step = (int(v) for v in header.tolist())
+        if code not in CODE_KINDS:  # the rest is checked in the receive loop (validate.py)
+            raise WireViolation(f"stream {stream.name}: step {step}: header kind code {code} is not a message kind")
         return Message(
-            CODE_KINDS[kind],
+            CODE_KINDS[code],
             step,
             stream.src,
             stream.dst,

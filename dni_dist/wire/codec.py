@@ -108,6 +108,7 @@ class Assembler:
         self._raw: memoryview | None = None
         self._offset = 0
         self._expect_index = 0
+        self._count = 0
         self._step = -1
         self._labels: torch.Tensor | None = None
         self._kind = Kind.ACTIVATION
@@ -124,18 +125,22 @@ class Assembler:
             self._start(part, body)
         elif part.step != self._step:
             raise WireError(f"chunk of step {part.step} inside step {self._step}")
+        elif chunk.chunk_count != self._count:
+            raise WireError(f"step {part.step}: chunk_count changed from {self._count} to {chunk.chunk_count}")
         if chunk.dtype != "float32" or tuple(chunk.shape) != self.stream.shape:
             raise WireError(
                 f"step {part.step}: tensor {chunk.dtype}{tuple(chunk.shape)} is not float32{self.stream.shape}"
             )
         assert self._raw is not None
+        if not chunk.data and len(self._raw):
+            raise WireError(f"step {part.step}: chunk {chunk.chunk_index} carries no bytes")
         end = self._offset + len(chunk.data)
         if end > len(self._raw):
             raise WireError(f"step {part.step}: more bytes than a {self.stream.shape} tensor holds")
         self._raw[self._offset : end] = chunk.data
         self._offset = end
         self._expect_index += 1
-        if self._expect_index < chunk.chunk_count:
+        if self._expect_index < self._count:
             return None
         if self._offset != len(self._raw):
             raise WireError(f"step {part.step}: {self._offset} bytes for a tensor of {len(self._raw)}")
@@ -145,16 +150,23 @@ class Assembler:
             self._kind, self._step, self.stream.src, self.stream.dst, torch.from_numpy(self._buffer), self._labels
         )
 
+    @property
+    def partial(self) -> bool:
+        """Whether a message has begun and not ended (a stream may not stop there)."""
+        return self._expect_index != 0
+
     def _start(self, part: pb.Activation | pb.Gradient, body: str) -> None:
-        # Steps need not increase on a stream (lambda targets send a step twice); a stage
-        # drops targets for steps it does not hold, so only the range is checked here.
+        # Step order and duplicates are the stream guard's job (transports/validate.py).
         if part.step < 0:
             raise WireError(f"step {part.step} is negative")
-        if part.tensor.chunk_count < 1:
-            raise WireError(f"step {part.step}: chunk_count must be at least 1")
-        self._step = part.step
         self._buffer = np.empty(self.stream.shape, dtype=np.float32)
         self._raw = memoryview(self._buffer).cast("B")
+        # Every chunk but that of an empty tensor carries bytes, so a tensor has at most as
+        # many chunks as bytes: a peer cannot keep a stream waiting on empty chunks.
+        if not 1 <= part.tensor.chunk_count <= max(1, len(self._raw)):
+            raise WireError(f"step {part.step}: chunk_count {part.tensor.chunk_count} is out of range")
+        self._count = part.tensor.chunk_count
+        self._step = part.step
         self._offset = 0
         if body == "gradient":
             if part.kind not in WIRE_TO_KIND or part.kind == pb.KIND_ACTIVATION:
@@ -171,7 +183,10 @@ class Assembler:
         if labels.dtype != want_dtype or tuple(labels.shape) != self.stream.labels_shape:
             got = f"{labels.dtype}{tuple(labels.shape)}"
             raise WireError(f"step {part.step}: labels {got} are not {want_dtype}{self.stream.labels_shape}")
-        array = np.frombuffer(labels.data, dtype=np.dtype(want_dtype))
-        if array.size != math.prod(self.stream.labels_shape):
-            raise WireError(f"step {part.step}: labels hold {array.size} values, expected {self.stream.labels_shape}")
+        dtype = np.dtype(want_dtype)
+        if len(labels.data) != math.prod(self.stream.labels_shape) * dtype.itemsize:
+            raise WireError(
+                f"step {part.step}: labels hold {len(labels.data)} bytes, expected {self.stream.labels_shape}"
+            )
+        array = np.frombuffer(labels.data, dtype=dtype)
         return torch.from_numpy(array.reshape(self.stream.labels_shape).copy())
