@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import grpc
@@ -118,20 +118,59 @@ class StageServicer(pb_grpc.StageServicer):
 
 
 class _Outbound:
-    """One Exchange call: frames go into a queue its request iterator drains."""
+    """One Exchange call: frames go into a queue its request iterator drains; a reader
+    thread takes the acknowledgements as they come, so a peer that goes away is noticed at
+    once (through ``on_failure``), not when the sender next needs room in its window."""
 
     def __init__(
-        self, channel: grpc.Channel, stream: Stream, run_id: str, timeout: float, metadata: list[tuple[str, str]]
+        self,
+        channel: grpc.Channel,
+        stream: Stream,
+        run_id: str,
+        capacity: int,
+        metadata: list[tuple[str, str]],
+        on_failure: Callable[[BaseException], None],
     ) -> None:
         self.channel = channel
+        self.stream = stream
         self.frames: queue.Queue = queue.Queue(maxsize=64)
         self.frames.put(handshake(stream, run_id))
         self.acks = pb_grpc.StageStub(channel).Exchange(self._requests(), metadata=metadata)
-        self.unacked = 0
-        self.timeout = timeout
+        self.window = threading.Semaphore(capacity)  # messages sent but not yet acknowledged
+        self.failure: BaseException | None = None
+        self.closed = False
+        self.on_failure = on_failure
         ack = self.next_ack()
         if not ack.ok:
             raise TransportError(f"stream {stream.name}: handshake refused: {ack.error}")
+        self._reader = threading.Thread(target=self._read_acks, name=f"acks {stream.name}", daemon=True)
+        self._reader.start()
+
+    def _read_acks(self) -> None:
+        try:
+            for ack in self.acks:
+                if not ack.ok:
+                    raise TransportError(f"stream {self.stream.name}: step {ack.step} refused: {ack.error}")
+                self.window.release()
+            raise TransportError(f"stream {self.stream.name}: the peer ended the stream")
+        except grpc.RpcError as exc:
+            failure: BaseException = TransportError(
+                f"stream {self.stream.name}: peer went away: {exc.code().name}: {exc.details()}"
+            )
+        except TransportError as exc:
+            failure = exc
+        if not self.closed:
+            self.failure = failure
+            self.on_failure(failure)
+        self.window.release()  # wake a sender waiting for room
+
+    def reserve(self) -> None:
+        """Wait for room in the window of unacknowledged messages."""
+        while not self.window.acquire(timeout=0.5):
+            if self.failure is not None:
+                raise self.failure
+        if self.failure is not None:
+            raise self.failure
 
     def _requests(self) -> Iterator[pb.Frame]:
         while (frame := self.frames.get()) is not _END:
@@ -144,6 +183,7 @@ class _Outbound:
             raise TransportError(f"peer refused the stream: {exc.code().name}: {exc.details()}") from None
 
     def close(self) -> None:
+        self.closed = True
         self.frames.put(_END)
         self.acks.cancel()
         self.channel.close()
@@ -198,18 +238,19 @@ class GrpcTransport(Transport):
         for dst, stream in self.outbound.items():
             channel = self.security.channel(peers[dst], channel_options(self.frame_limit))
             grpc.channel_ready_future(channel).result(timeout=self.timeout)
-            self._outbound[dst] = _Outbound(channel, stream, self.run_id, self.timeout, self.security.metadata())
+            self._outbound[dst] = _Outbound(
+                channel, stream, self.run_id, self.capacity, self.security.metadata(), self._fail
+            )
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._closing.is_set():
+            self._failure = exc  # the stage loop raises it on its next send or recv poll
 
     def _send_one(self, stream: Stream, msg: Message) -> None:
         out = self._outbound[stream.dst]
-        while out.unacked >= self.capacity:
-            ack = out.next_ack()
-            if not ack.ok:
-                raise TransportError(f"stream {stream.name}: step {ack.step} refused: {ack.error}")
-            out.unacked -= 1
+        out.reserve()
         for frame in message_frames(msg, self.chunk_bytes):
             out.frames.put(frame)
-        out.unacked += 1
 
     def _admit(self, stream: Stream, msg: Message) -> None:
         """Nothing to do: the servicer checked the message before acknowledging it."""
