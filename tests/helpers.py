@@ -32,3 +32,19 @@ def flat_params(stages: list[Stage]) -> torch.Tensor:
     tensors = [p.detach().flatten() for s in stages for p in s.module.parameters()]
     tensors += [p.detach().flatten() for s in stages if s.boundary is not None for p in s.boundary.parameters()]
     return torch.cat(tensors)
+
+
+def start_local_ray(cpus: int = 2) -> None:
+    """One local Ray for a test module. On a loaded 2-core machine Ray's node startup can
+    time out now and then ("The current node timed out during startup"); a second attempt
+    after a clean shutdown is what a user would do, so the tests do it too."""
+    import ray
+
+    for attempt in range(2):
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt:
+                raise

@@ -10,6 +10,7 @@ import types
 
 import pytest
 import ray
+from helpers import start_local_ray
 
 from dni_dist.bench import BENCHES, run_bench
 from dni_dist.bench.common import BASELINES, DNI_METHODS, METHODS
@@ -19,7 +20,7 @@ from dni_dist.errors import ConfigError
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import start_local_ray
 
 from dni_dist.bench import links
 
@@ -13,7 +14,7 @@ from dni_dist.bench import links
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
 
@@ -52,9 +53,7 @@ def test_a_quick_sweep_writes_well_formed_results(tmp_path, ray_session) -> None
     for r in results:
         assert {"method", "segments", "latency_s", "bandwidth", "samples_per_second"} <= r.keys()
         assert r["segments"] == 2 and r["samples_per_second"] > 0
-    assert {(r["label"], r["latency_s"]) for r in results} == {
-        (v, lat) for v in links.VARIANTS for lat in latencies
-    }
+    assert {(r["label"], r["latency_s"]) for r in results} == {(v, lat) for v in links.VARIANTS for lat in latencies}
     assert {r["method"] for r in results} == {"sg", "backprop"}
     assert {r["micro_batches"] for r in results if r["label"] == "gpipe-m4"} == {4}
     assert set(on_disk["retained"]) == set(links.VARIANTS)

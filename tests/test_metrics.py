@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 from conftest import config
+from helpers import start_local_ray
 from prometheus_client.parser import text_string_to_metric_families
 
 from dni_dist import monitor as monitor_module
@@ -187,7 +188,7 @@ def test_histogram_buckets() -> None:
 @pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

@@ -11,7 +11,7 @@ import pytest
 import ray
 import torch
 from conftest import config
-from helpers import stages_for
+from helpers import stages_for, start_local_ray
 
 from dni_dist.data import batches
 from dni_dist.engines.local import LocalEngine
@@ -23,7 +23,7 @@ RAY = ("runtime=ray", "transport=gloo", "dist.cpus_per_stage=0.5")
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

@@ -11,6 +11,7 @@ import pytest
 import ray
 import torch
 from conftest import config
+from helpers import start_local_ray
 
 from dni_dist import checkpoint
 from dni_dist.errors import RunFailed
@@ -22,7 +23,7 @@ STEPS = 1347 // 64
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

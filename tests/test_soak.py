@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import ray
 from conftest import config
+from helpers import start_local_ray
 
 from dni_dist.builder import load_data
 from dni_dist.engines.ray_engine import RayRun
@@ -14,7 +15,7 @@ STEPS = 10_000
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

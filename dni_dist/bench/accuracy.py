@@ -16,12 +16,12 @@ from typing import Any
 from dni_dist.bench.common import (
     BASELINES,
     DNI_METHODS,
-    RaySession,
     Spec,
     check_segments,
     machine,
     open_run,
     parse_methods,
+    sweep,
 )
 from dni_dist.bench.report import bar_chart, setup_lines, write_json
 from dni_dist.errors import ConfigError
@@ -126,17 +126,14 @@ def run(
     spec, target, epochs_cap = make_spec(quick, opts)
     ks = check_segments(segments, spec, chosen)
     out.mkdir(parents=True, exist_ok=True)
-    session = RaySession(max(ks), spec.cpus_per_stage)
-    results = []
-    try:
-        for k in ks:
-            for method in chosen:
-                r = time_to_target(method, k, spec, target, epochs_cap)
-                when = f"{r['time_to_target']:.2f} s" if r["time_to_target"] is not None else "not reached"
-                print(f"bench accuracy: {method} K={k}: {when} ({r['epochs']} epochs)", flush=True)
-                results.append(r)
-    finally:
-        session.close()
+
+    def brief(r: dict[str, Any]) -> str:
+        when = f"{r['time_to_target']:.2f} s" if r["time_to_target"] is not None else "not reached"
+        return f"{when} ({r['epochs']} epochs)"
+
+    results = sweep(
+        "accuracy", ks, chosen, spec, lambda method, k: time_to_target(method, k, spec, target, epochs_cap), brief
+    )
     setup = {
         **spec.describe(),
         "target_accuracy": target,

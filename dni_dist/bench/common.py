@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -162,6 +163,28 @@ class RaySession:
 
         if self.started:
             ray.shutdown()
+
+
+def sweep(
+    name: str,
+    ks: list[int],
+    methods: list[str],
+    spec: Spec,
+    measure_one: Callable[[str, int], dict[str, Any]],
+    brief: Callable[[dict[str, Any]], str],
+) -> list[dict[str, Any]]:
+    """Every method at every K, one after another in one Ray session; a line per result."""
+    session = RaySession(max(ks), spec.cpus_per_stage)
+    results = []
+    try:
+        for k in ks:
+            for method in methods:
+                record = measure_one(method, k)
+                print(f"bench {name}: {method} K={k}: {brief(record)}", flush=True)
+                results.append(record)
+    finally:
+        session.close()
+    return results
 
 
 def machine(segments: list[int], cpus_per_stage: float) -> dict[str, Any]:

@@ -17,12 +17,12 @@ from dni_dist.bench.common import (
     BASELINES,
     DNI_METHODS,
     ENGINE_METHODS,
-    RaySession,
     Spec,
     check_segments,
     machine,
     open_run,
     parse_methods,
+    sweep,
 )
 from dni_dist.bench.report import bar_chart, setup_lines, write_json
 from dni_dist.errors import ConfigError
@@ -124,16 +124,14 @@ def run(
     spec, n_windows = make_spec(quick, opts)
     ks = check_segments(segments, spec, chosen)
     out.mkdir(parents=True, exist_ok=True)
-    session = RaySession(max(ks), spec.cpus_per_stage)
-    results = []
-    try:
-        for k in ks:
-            for method in chosen:
-                record = measure(method, k, spec, n_windows)
-                print(f"bench throughput: {method} K={k}: {record['samples_per_second']:.0f} samples/s", flush=True)
-                results.append(record)
-    finally:
-        session.close()
+    results = sweep(
+        "throughput",
+        ks,
+        chosen,
+        spec,
+        lambda method, k: measure(method, k, spec, n_windows),
+        lambda r: f"{r['samples_per_second']:.0f} samples/s",
+    )
     setup = {**spec.describe(), "windows": n_windows, "warmup_windows": 1, "machine": machine(ks, spec.cpus_per_stage)}
     payload = {"setup": setup, "quick": quick, "results": results, "ratios": ratios(results)}
     write_json(out / "throughput.json", payload)
