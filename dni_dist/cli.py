@@ -168,13 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.resume:
             overrides.append("checkpoint.resume=true")
         config = load_config(args.config, overrides + args.overrides)
-        if args.check or config.runtime == "ray":  # a Ray run fails late and far away: plan it here first
+        if args.check:
             from dni_dist.preflight import preflight
 
-            plan = preflight(config)
-            if args.check:
-                print(f"config ok\n{plan}")
-                return 0
+            print(f"config ok\n{preflight(config)}")
+            return 0
         from dni_dist.runner import train
 
         summary = train(config, verbose=not args.quiet)

@@ -15,6 +15,7 @@ import torch
 
 from dni_dist.builder import load_data, plan_model
 from dni_dist.config import TrainConfig
+from dni_dist.data import Dataset
 from dni_dist.errors import ConfigError
 from dni_dist.methods import build_boundary
 from dni_dist.synthetic import build_sg
@@ -39,11 +40,13 @@ def _check_gpus(config: TrainConfig) -> None:
         )
 
 
-def preflight(config: TrainConfig) -> str:
+def preflight(config: TrainConfig, dataset: Dataset | None = None) -> str:
     """Raise ConfigError for anything that would fail while building the run; else return
-    a one-line plan (blocks, cuts, shapes and parameter counts per segment)."""
+    a one-line plan (blocks, cuts, shapes and parameter counts per segment). ``dataset``:
+    the run's data when the caller has loaded it already (else it is loaded here)."""
     _check_gpus(config)
-    dataset = load_data(config)  # the real data: its path, shapes and task
+    if dataset is None:
+        dataset = load_data(config)  # the real data: its path, shapes and task
     n_train = len(dataset.x_train)
     if n_train < config.data.batch_size:
         raise ConfigError(f"data.batch_size={config.data.batch_size} exceeds the {n_train} training samples; lower it")

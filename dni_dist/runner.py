@@ -19,8 +19,9 @@ from dni_dist.builder import load_data
 from dni_dist.checkpoint import Position
 from dni_dist.config import TrainConfig
 from dni_dist.data import Dataset
-from dni_dist.errors import ConfigError, RunFailed, StageLost, reason
+from dni_dist.errors import RunFailed, StageLost, reason
 from dni_dist.monitor import Monitor
+from dni_dist.preflight import preflight
 from dni_dist.recovery import CheckpointKeeper
 from dni_dist.stage import NumericFault
 
@@ -67,10 +68,8 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_data(config)
-    if len(dataset.x_train) < config.data.batch_size:
-        raise ConfigError(
-            f"data.batch_size={config.data.batch_size} exceeds the {len(dataset.x_train)} training samples; lower it"
-        )
+    # Plan the whole run on the meta device first: a distributed run would fail late and far away.
+    preflight(config, dataset)
     steps_per_epoch = len(dataset.x_train) // config.data.batch_size
     started = time.perf_counter()
     # The metrics endpoint and progress display (a taken port fails here, before any Ray).

@@ -187,7 +187,8 @@ class Stage:
         if self.is_top:
             out = self._top_step(step, x, h, labels, params)
         else:
-            poisoned = not (_finite(x) and _finite(h))
+            # Only h: a non-finite input (checked by the stage below as its h) makes h non-finite.
+            poisoned = not _finite(h)
             pending = self._pending[step] = _Pending(x, h, context, params, self._clock, poisoned=poisoned)
             self._evict_stale()
             if poisoned:
@@ -302,7 +303,7 @@ class Stage:
         extra = [output] if direct else []
         extra += [x] if (self.index > 0 and not direct) else []
         grads = torch.autograd.grad(loss, params + extra, allow_unused=True)
-        if math.isfinite(value) and _finite(x):
+        if math.isfinite(value):  # a non-finite input or output makes the loss non-finite
             self._step_optimizer(grads[: len(params)], step)
         else:  # the gradients sent down are not finite either: the stages below skip too
             self._nonfinite(step, "losses")

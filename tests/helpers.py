@@ -28,6 +28,16 @@ def train_steps(engine: LocalEngine, data: Dataset, steps: int, size: int = 32) 
         engine.train_step(x, y)
 
 
+def local_params(overrides: tuple[str, ...], epochs: int, batch_size: int = 64) -> torch.Tensor:
+    """Every parameter after ``epochs`` of the local engine (the reference), flattened."""
+    stages, data = stages_for(*overrides)
+    engine = LocalEngine(stages)
+    for epoch in range(epochs):
+        for x, y in batches(data.x_train, data.y_train, batch_size, 0, epoch):
+            engine.train_step(x, y)
+    return flat_params(stages)
+
+
 def flat_params(stages: list[Stage]) -> torch.Tensor:
     tensors = [p.detach().flatten() for s in stages for p in s.module.parameters()]
     tensors += [p.detach().flatten() for s in stages if s.boundary is not None for p in s.boundary.parameters()]

@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import config
-from helpers import flat_params, stages_for
+from helpers import flat_params, local_params
 from threaded import run_threaded
 from torch import nn
 
 from dni_dist.builder import build_stages, load_data, make_optimizer, plan_model
 from dni_dist.data import batches
-from dni_dist.engines.local import LocalEngine
 from dni_dist.errors import ConfigError
 
 # Equal gradients up to round-off: plain SGD keeps it round-off (Adam divides by the
@@ -38,15 +37,6 @@ def _reference(overrides: tuple[str, ...], m: int, epochs: int) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def _local(overrides: tuple[str, ...], epochs: int) -> torch.Tensor:
-    stages, data = stages_for(*overrides)
-    engine = LocalEngine(stages)
-    for epoch in range(epochs):
-        for x, y in batches(data.x_train, data.y_train, 64, 0, epoch):
-            engine.train_step(x, y)
-    return flat_params(stages)
-
-
 @pytest.mark.parametrize(
     "overrides",
     [("method=backprop", "segments=3", *SGD), ("method=fa", "segments=2", *SGD)],
@@ -67,7 +57,9 @@ def test_pipelined_loop_equals_backprop_on_the_concatenated_batch(overrides: tup
 
 def test_the_local_engine_with_micro_batches_is_the_same_reference() -> None:
     overrides = ("method=backprop", "segments=2", "dist.micro_batches=3", *SGD)
-    torch.testing.assert_close(_local(overrides, epochs=1), _reference(overrides, 3, epochs=1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        local_params(overrides, epochs=1), _reference(overrides, 3, epochs=1), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_direct_errors_with_micro_batches_match_the_local_engine() -> None:
@@ -75,13 +67,13 @@ def test_direct_errors_with_micro_batches_match_the_local_engine() -> None:
     # before stage 1 has updated; stage 1 must hold those inputs back.
     overrides = ("method=dfa", "segments=3", "dist.micro_batches=2")
     stages, _, _ = run_threaded(config(*overrides), "async", epochs=1)
-    torch.testing.assert_close(flat_params(stages), _local(overrides, epochs=1), rtol=0, atol=0)
+    torch.testing.assert_close(flat_params(stages), local_params(overrides, epochs=1), rtol=0, atol=0)
 
 
 def test_one_micro_batch_changes_nothing() -> None:
     overrides = ("method=backprop", "segments=3")
     stages, reports, _ = run_threaded(config(*overrides, "dist.micro_batches=1"), "async", epochs=1)
-    torch.testing.assert_close(flat_params(stages), _local(overrides, epochs=1), rtol=0, atol=0)
+    torch.testing.assert_close(flat_params(stages), local_params(overrides, epochs=1), rtol=0, atol=0)
     assert max(r.max_pending for r in reports[0]) == 1  # naive model parallelism: one step at a time
     assert stages[0].stats.updates == stages[0].stats.steps
 

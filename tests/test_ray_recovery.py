@@ -103,17 +103,16 @@ def test_a_stage_killed_mid_epoch_is_restarted_and_the_run_finishes(tmp_path) ->
     assert summary["test_accuracy"] > 0.8
 
 
-@pytest.mark.slow
-def test_a_dropped_grpc_link_stops_cleanly_with_a_checkpoint_when_restarts_are_off(tmp_path) -> None:
+def _drop_grpc_link_after_one_epoch(tmp_path, *overrides: str) -> dict:
+    """A gRPC run whose stage 1 stops its server after epoch 1; returns how the run ended."""
     cfg = config(
         *RAY,
         "transport=grpc",
         "segments=2",
-        "epochs=4",
         "dist.slow_stage=1",
         "dist.slow_seconds=0.03",
-        "dist.max_restarts=0",
         f"out={tmp_path}",
+        *overrides,
     )
     thread, outcome = _in_thread(cfg)
     victim = _stage_actor(1)
@@ -121,6 +120,12 @@ def test_a_dropped_grpc_link_stops_cleanly_with_a_checkpoint_when_restarts_are_o
     ray.get(victim.drop_links.remote())
     thread.join(timeout=200)
     assert not thread.is_alive(), "the run hung after a link dropped"
+    return outcome
+
+
+@pytest.mark.slow
+def test_a_dropped_grpc_link_stops_cleanly_with_a_checkpoint_when_restarts_are_off(tmp_path) -> None:
+    outcome = _drop_grpc_link_after_one_epoch(tmp_path, "epochs=4", "dist.max_restarts=0")
     error = outcome.get("error")
     assert isinstance(error, RunFailed), outcome
     assert "gave up after 0 restarts" in str(error)
@@ -130,21 +135,7 @@ def test_a_dropped_grpc_link_stops_cleanly_with_a_checkpoint_when_restarts_are_o
 
 @pytest.mark.slow
 def test_a_dropped_grpc_link_is_recovered_by_a_restart(tmp_path) -> None:
-    cfg = config(
-        *RAY,
-        "transport=grpc",
-        "segments=2",
-        "epochs=3",
-        "dist.slow_stage=1",
-        "dist.slow_seconds=0.03",
-        f"out={tmp_path}",
-    )
-    thread, outcome = _in_thread(cfg)
-    victim = _stage_actor(1)
-    _when_epochs_logged(tmp_path, 1)
-    ray.get(victim.drop_links.remote())
-    thread.join(timeout=200)
-    assert not thread.is_alive()
+    outcome = _drop_grpc_link_after_one_epoch(tmp_path, "epochs=3")
     summary = outcome.get("summary")
     assert summary is not None, outcome
     assert summary["restarts"] == 1 and summary["steps"] == 3 * STEPS

@@ -6,11 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import config
-from helpers import flat_params, stages_for
+from helpers import flat_params, local_params
 from threaded import run_threaded
-
-from dni_dist.data import batches
-from dni_dist.engines.local import LocalEngine
 
 CASES = [
     ("method=sg", "sg.target=true", "segments=3"),
@@ -24,19 +21,10 @@ CASES = [
 ]
 
 
-def _local_params(overrides: tuple[str, ...], epochs: int) -> torch.Tensor:
-    stages, data = stages_for(*overrides)
-    engine = LocalEngine(stages)
-    for epoch in range(epochs):
-        for x, y in batches(data.x_train, data.y_train, 64, 0, epoch):
-            engine.train_step(x, y)
-    return flat_params(stages)
-
-
 @pytest.mark.parametrize("overrides", CASES, ids=lambda c: "-".join(v.split("=")[1] for v in c))
 def test_lockstep_loop_equals_the_local_engine(overrides: tuple[str, ...]) -> None:
     stages, _, _ = run_threaded(config(*overrides), "lockstep", epochs=2)
-    torch.testing.assert_close(flat_params(stages), _local_params(overrides, epochs=2), rtol=0, atol=0)
+    torch.testing.assert_close(flat_params(stages), local_params(overrides, epochs=2), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("overrides", CASES, ids=lambda c: "-".join(v.split("=")[1] for v in c))

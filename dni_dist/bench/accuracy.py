@@ -32,15 +32,7 @@ def make_spec(quick: bool, opts: dict[str, Any]) -> tuple[Spec, float, int]:
         width, depth, batch, target, max_epochs = 64, 3, 32, 0.8, 3
     else:
         width, depth, batch, target, max_epochs = 1024, 4, 128, 0.95, 30
-    spec = Spec(
-        width=opts.get("width") or width,
-        depth=opts.get("depth") if opts.get("depth") is not None else depth,
-        batch_size=opts.get("batch_size") or batch,
-        data=("data.name=digits",),
-        cpus_per_stage=opts.get("cpus_per_stage") or 1.0,
-        micro_batches=opts.get("micro_batches") or 4,
-        extra=tuple(opts.get("settings") or ()),
-    )
+    spec = Spec.from_options(opts, width, depth, batch, ("data.name=digits",))
     target = opts.get("target_accuracy") or target
     if not 0.0 < target <= 1.0:
         raise ConfigError(f"--target-accuracy {target}: use a fraction in (0, 1]")

@@ -54,6 +54,19 @@ class Spec:
     seed: int = 0
     extra: tuple[str, ...] = field(default_factory=tuple)
 
+    @classmethod
+    def from_options(cls, opts: dict[str, Any], width: int, depth: int, batch_size: int, data: tuple[str, ...]) -> Spec:
+        """A benchmark's default size, with what the user gave on the command line instead."""
+        return cls(
+            width=opts.get("width") or width,
+            depth=opts.get("depth") if opts.get("depth") is not None else depth,
+            batch_size=opts.get("batch_size") or batch_size,
+            data=data,
+            cpus_per_stage=opts.get("cpus_per_stage") or 1.0,
+            micro_batches=opts.get("micro_batches") or 4,
+            extra=tuple(opts.get("settings") or ()),
+        )
+
     def describe(self) -> dict[str, Any]:
         return {
             "model": f"MLP {self.depth} x {self.width} ReLU",

@@ -33,19 +33,13 @@ def make_spec(quick: bool, opts: dict[str, Any]) -> tuple[Spec, int]:
     if quick:
         width, depth, batch, samples, windows = 64, 3, 32, 400, 3
     else:
-        # 8 hidden layers of 1024: K=2 cuts into equal halves of four layers (with 4 hidden
-        # layers the only cuts leave 1.1M vs 2.1M parameters, so the pipeline would measure
-        # its imbalance); ~80 ms of compute per step and stage, so compute dominates messaging.
+        # 9 hidden layers (8 of them 1024 x 1024): K=2 cuts into equal halves of about 4M
+        # parameters (with 4 hidden layers the only cuts leave 1.1M vs 2.1M, so the pipeline
+        # would measure its imbalance); ~80 ms of compute per step and stage, so compute
+        # dominates messaging.
         width, depth, batch, samples, windows = 1024, 9, 256, 12000, 6
-    spec = Spec(
-        width=opts.get("width") or width,
-        depth=opts.get("depth") if opts.get("depth") is not None else depth,
-        batch_size=opts.get("batch_size") or batch,
-        data=("data.name=artificial", "data.dim=100", "data.outputs=2", f"data.samples={samples}"),
-        cpus_per_stage=opts.get("cpus_per_stage") or 1.0,
-        micro_batches=opts.get("micro_batches") or 4,
-        extra=tuple(opts.get("settings") or ()),
-    )
+    data = ("data.name=artificial", "data.dim=100", "data.outputs=2", f"data.samples={samples}")
+    spec = Spec.from_options(opts, width, depth, batch, data)
     windows = opts.get("windows") or windows
     if windows < 2:
         raise ConfigError(f"--windows {windows}: need at least 2 (one warm-up, one timed)")
