@@ -36,7 +36,7 @@ def _transport(kind: str, rank: int, stream, port: int, addresses):
 
 
 def _worker(kind: str, rank: int, size: int, count: int, port: int, addresses, results) -> None:
-    from dni_dist.messages import Kind, Message
+    from dni_dist.core.messages import Kind, Message
     from dni_dist.transports.base import Stream
 
     torch.set_num_threads(1)

@@ -10,15 +10,15 @@ import torch
 from torch import nn
 
 from dni_dist.config import OptimConfig, TrainConfig
+from dni_dist.core.feedback import to_feedback_alignment
+from dni_dist.core.methods import build_boundary
+from dni_dist.core.partition import partition
+from dni_dist.core.stage import Stage
+from dni_dist.core.synthetic import build_sg
+from dni_dist.core.tasks import Task
 from dni_dist.data import Dataset, load_dataset
 from dni_dist.errors import ConfigError
-from dni_dist.feedback import to_feedback_alignment
-from dni_dist.methods import build_boundary
 from dni_dist.models import build_model
-from dni_dist.partition import partition
-from dni_dist.stage import Stage
-from dni_dist.synthetic import build_sg
-from dni_dist.tasks import Task
 
 
 def make_optimizer(

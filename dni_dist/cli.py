@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides.append("checkpoint.resume=true")
         config = load_config(args.config, overrides + args.overrides)
         if args.check:
-            from dni_dist.preflight import preflight
+            from dni_dist.operations.preflight import preflight
 
             print(f"config ok\n{preflight(config)}")
             return 0

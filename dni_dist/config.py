@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import ipaddress
 import itertools
 import math
 import os
@@ -22,12 +21,13 @@ from typing import Any
 
 import yaml
 
+from dni_dist.core.methods import METHODS
+from dni_dist.core.stage import TARGET_MODES
+from dni_dist.core.synthetic import SG_KINDS, WRAPPERS, SGSpec
 from dni_dist.data import DATASETS
 from dni_dist.errors import ConfigError
-from dni_dist.methods import METHODS
 from dni_dist.models import ACTIVATIONS, MODEL_KINDS, ModelSpec
-from dni_dist.stage import TARGET_MODES
-from dni_dist.synthetic import SG_KINDS, WRAPPERS, SGSpec
+from dni_dist.transports.addresses import is_loopback
 
 RUNTIMES = ("local", "ray")
 TRANSPORTS = ("gloo", "nccl", "grpc")
@@ -289,16 +289,6 @@ def _apply(target: Any, updates: dict[str, Any], prefix: str = "") -> None:
             setattr(target, name, _coerce(key, value, hints[name]))
 
 
-def is_loopback(host: str) -> bool:
-    """Whether a bind address reaches only this machine (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_grpc_security(dist: DistConfig) -> None:
     """Off loopback, stages must speak TLS (cert and key come together: _check_cross; the
     token is checked where transports start: it lives in the environment, which Ray workers
@@ -396,7 +386,7 @@ def _check_creatable(key: str, value: str, writable: bool) -> None:
 def _check_cross(config: TrainConfig) -> None:
     """Constraints between fields that would otherwise fail deep inside a run. Those that
     need the model's shapes (cut points past the last block, SG kind per cut) are checked
-    by dni_dist.preflight, which plans the model."""
+    by dni_dist.operations.preflight, which plans the model."""
     if config.cuts is not None:
         cuts = config.cuts
         if any(c < 1 for c in cuts) or any(b <= a for a, b in itertools.pairwise(cuts)):

@@ -2,7 +2,7 @@
 
 Writes ``OUT/metrics.jsonl`` (one JSON object per ``log_every`` steps and per epoch,
 flushed as each epoch ends) and ``OUT/summary.json`` at the end; tools read both.
-Training runs in chunks between snapshots (see recovery.py): a lost stage is restarted
+Training runs in chunks between snapshots (see operations/recovery.py): a lost stage is restarted
 from the last one, a numeric blow-up stops the run with it written to disk.
 """
 
@@ -16,14 +16,14 @@ from typing import Any, Protocol
 import torch
 
 from dni_dist.builder import load_data
-from dni_dist.checkpoint import Position
 from dni_dist.config import TrainConfig
+from dni_dist.core.stage import NumericFault
 from dni_dist.data import Dataset
 from dni_dist.errors import RunFailed, StageLost, reason
-from dni_dist.monitor import Monitor
-from dni_dist.preflight import preflight
-from dni_dist.recovery import CheckpointKeeper
-from dni_dist.stage import NumericFault
+from dni_dist.operations.checkpoint import Position
+from dni_dist.operations.monitor import Monitor
+from dni_dist.operations.preflight import preflight
+from dni_dist.operations.recovery import CheckpointKeeper
 
 
 class EpochEngine(Protocol):

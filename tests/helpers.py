@@ -6,9 +6,9 @@ import torch
 
 from dni_dist.builder import build_stages, load_data
 from dni_dist.config import load_config
+from dni_dist.core.stage import Stage
 from dni_dist.data import Dataset, batches
 from dni_dist.engines.local import LocalEngine
-from dni_dist.stage import Stage
 
 
 def stages_for(*overrides: str) -> tuple[list[Stage], Dataset]:

@@ -28,7 +28,7 @@ def test_ray_engine_runs_segments_on_the_gpu(tmp_path) -> None:
 
 
 def test_cuda_tensors_pass_through_the_in_process_transport() -> None:
-    from dni_dist.messages import Kind, Message
+    from dni_dist.core.messages import Kind, Message
     from dni_dist.transports.base import Stream
     from dni_dist.transports.inproc import InProcessHub, InProcessTransport
 

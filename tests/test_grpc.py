@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dni_dist.messages import Kind, Message
+from dni_dist.core.messages import Kind, Message
 from dni_dist.transports.base import Stream
 from dni_dist.transports.grpc_transport import GrpcTransport
 from dni_dist.wire import dni_pb2 as pb

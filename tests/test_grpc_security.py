@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from dni_dist.config import load_config
+from dni_dist.core.messages import Kind, Message
 from dni_dist.errors import ConfigError
-from dni_dist.messages import Kind, Message
 from dni_dist.transports.base import Stream
 from dni_dist.transports.grpc_security import GrpcSecurity
 from dni_dist.transports.grpc_transport import GrpcTransport

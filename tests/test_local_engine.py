@@ -8,8 +8,8 @@ import copy
 import torch
 from helpers import first_batch, flat_params, stages_for, train_steps
 
+from dni_dist.core.messages import Kind
 from dni_dist.engines.local import LocalEngine
-from dni_dist.messages import Kind
 
 SGD = ("optim.name=sgd", "optim.lr=0.1", "optim.momentum=0")
 

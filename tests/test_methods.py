@@ -10,10 +10,10 @@ import torch
 from helpers import first_batch, stages_for
 from torch import nn
 
-from dni_dist.feedback import FALinear
-from dni_dist.messages import Kind
-from dni_dist.methods import METHODS
-from dni_dist.stage import Stage
+from dni_dist.core.feedback import FALinear
+from dni_dist.core.messages import Kind
+from dni_dist.core.methods import METHODS
+from dni_dist.core.stage import Stage
 
 SGD = ("optim.name=sgd", "optim.lr=0.1", "optim.momentum=0")
 
@@ -161,8 +161,8 @@ def test_sg_prop_signal_adds_alpha_times_dlsg_dh() -> None:
 
 
 def test_table_columns() -> None:
-    from dni_dist.methods import build_boundary
-    from dni_dist.synthetic import SGSpec, build_sg
+    from dni_dist.core.methods import build_boundary
+    from dni_dist.core.synthetic import SGSpec, build_sg
 
     sg = build_sg(SGSpec(), (4,), 3)
     rows = {m: build_boundary(m, sg, (4,), 3, seed=0) for m in METHODS}

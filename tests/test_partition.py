@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
+from dni_dist.core.partition import balanced_cuts, param_count, partition
 from dni_dist.errors import ConfigError
-from dni_dist.partition import balanced_cuts, param_count, partition
 
 
 def test_balanced_cuts_minimise_the_heaviest_segment() -> None:

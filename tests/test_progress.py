@@ -9,7 +9,7 @@ import re
 import pytest
 
 from dni_dist.cli import main
-from dni_dist.progress import Progress, resolve_mode
+from dni_dist.operations.progress import Progress, resolve_mode
 
 RECORD = {
     "event": "epoch",

@@ -13,8 +13,8 @@ import torch
 from conftest import config
 from helpers import start_local_ray
 
-from dni_dist import checkpoint
 from dni_dist.errors import RunFailed
+from dni_dist.operations import checkpoint
 from dni_dist.runner import train
 
 RAY = ("runtime=ray", "transport=gloo", "dist.cpus_per_stage=0.5", "dist.timeout=60")

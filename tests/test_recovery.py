@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import config
 
-from dni_dist import checkpoint
 from dni_dist.builder import load_data
 from dni_dist.errors import ConfigError, RunFailed
+from dni_dist.operations import checkpoint
 from dni_dist.runner import train
 
 RUN = ("method=sg", "segments=3", "sg.target=true", "data.batch_size=128", "optim.lr=0.003")

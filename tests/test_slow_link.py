@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from dni_dist.messages import Kind, Message
+from dni_dist.core.messages import Kind, Message
 from dni_dist.transports.base import Stream, message_bytes
 from dni_dist.transports.inproc import InProcessHub, InProcessTransport
 from dni_dist.transports.slow_link import SlowLinkTransport

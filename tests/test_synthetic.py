@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dni_dist.core.synthetic import SG_KINDS, WRAPPERS, SGSpec, build_sg
 from dni_dist.errors import ConfigError
-from dni_dist.synthetic import SG_KINDS, WRAPPERS, SGSpec, build_sg
 
 
 def _shape_for(kind: str) -> tuple[int, ...]:

@@ -7,9 +7,9 @@ import torch
 from conftest import config
 
 from dni_dist.builder import build_stages, load_data
+from dni_dist.core.methods import METHODS
 from dni_dist.data import batches
 from dni_dist.engines.local import LocalEngine
-from dni_dist.methods import METHODS
 from dni_dist.runner import train
 
 

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dni_dist.messages import Kind, Message
+from dni_dist.core.messages import Kind, Message
 from dni_dist.transports.base import Stream, TransportError
 from dni_dist.transports.grpc_transport import GrpcTransport
 from dni_dist.transports.inproc import InProcessHub, InProcessTransport

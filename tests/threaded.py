@@ -6,10 +6,10 @@ import threading
 
 from dni_dist.builder import build_stages, load_data, plan_model
 from dni_dist.config import TrainConfig
+from dni_dist.core.stage import Stage
 from dni_dist.data import Dataset, batches
 from dni_dist.engines.stage_loop import EpochReport, StageLoop
 from dni_dist.engines.wiring import all_streams, streams_of
-from dni_dist.stage import Stage
 from dni_dist.transports.inproc import InProcessHub, InProcessTransport
 
 

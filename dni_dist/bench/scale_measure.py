@@ -21,9 +21,9 @@ import torch
 from dni_dist.bench.scale_sim import Link, StageCosts
 from dni_dist.builder import build_stages, load_data
 from dni_dist.config import load_config
+from dni_dist.core.messages import Kind, Message
+from dni_dist.core.stage import Stage
 from dni_dist.data import batches
-from dni_dist.messages import Kind, Message
-from dni_dist.stage import Stage
 
 WARMUP = 3
 

@@ -1,4 +1,7 @@
-"""Datasets, all deterministic by seed. ``load_dataset`` is the one entry point."""
+"""Datasets, all deterministic by seed. ``load_dataset`` is the one entry point.
+
+Bottom layer, beside ``core``: a dataset knows its task (``core.tasks``) and nothing of
+models, stages or engines."""
 
 from __future__ import annotations
 

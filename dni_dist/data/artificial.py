@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from dni_dist.core.tasks import Task
 from dni_dist.data.base import Dataset, split
 from dni_dist.errors import ConfigError
-from dni_dist.tasks import Task
 
 LABELINGS = ("separable", "noisy", "random")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dni_dist.tasks import Task
+from dni_dist.core.tasks import Task
 
 
 @dataclass

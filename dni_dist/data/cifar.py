@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dni_dist.core.tasks import Task
 from dni_dist.data.base import Dataset
 from dni_dist.errors import ConfigError
-from dni_dist.tasks import Task
 
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 MEAN = (0.4914, 0.4822, 0.4465)

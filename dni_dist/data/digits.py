@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dni_dist.core.tasks import Task
 from dni_dist.data.base import Dataset, split
-from dni_dist.tasks import Task
 
 
 def load_digits(seed: int, test_fraction: float = 0.25) -> Dataset:

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dni_dist.core.tasks import Task
 from dni_dist.data.base import Dataset
 from dni_dist.errors import ConfigError
-from dni_dist.tasks import Task
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",

@@ -1,2 +1,6 @@
 """Engines drive stages: ``local`` (one process, lockstep: the reference semantics) and the
-Ray engine (one actor per stage, running the stage loop over a transport)."""
+Ray engine (one actor per stage, running the stage loop over a transport).
+
+Above ``core``, ``models``, ``data``, ``transports``, ``config`` and ``builder``, which they may
+import; never ``operations``, ``runner``, ``cli``, ``bench`` or ``reproduce`` (the runner
+drives an engine, not the other way round)."""

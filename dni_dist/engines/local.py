@@ -13,8 +13,8 @@ from collections.abc import Iterable
 
 import torch
 
-from dni_dist.messages import Kind, Message
-from dni_dist.stage import Stage
+from dni_dist.core.messages import Kind, Message
+from dni_dist.core.stage import Stage
 
 
 class LocalEngine:

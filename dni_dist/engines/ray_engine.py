@@ -23,12 +23,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dni_dist.builder import build_stages, load_data, plan_model
 from dni_dist.config import TrainConfig
+from dni_dist.core.probe import Snapshot, StageProbe
+from dni_dist.core.tasks import Task
 from dni_dist.data import Dataset, batches
 from dni_dist.engines.stage_loop import StageLoop
 from dni_dist.engines.wiring import all_streams, streams_of
 from dni_dist.errors import ConfigError, StageLost, reason
-from dni_dist.metrics import Snapshot, StageProbe
-from dni_dist.tasks import Task
 from dni_dist.transports.base import Stream, Transport, TransportError
 from dni_dist.transports.slow_link import SlowLinkTransport
 from dni_dist.transports.torch_dist import TorchDistTransport, free_port, init_groups, shutdown_groups

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dni_dist.messages import Kind, Message
-from dni_dist.stage import Stage
+from dni_dist.core.messages import Kind, Message
+from dni_dist.core.stage import Stage
 from dni_dist.transports.base import Transport, TransportError
 
 SCHEDULES = ("async", "lockstep")

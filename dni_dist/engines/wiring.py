@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dni_dist.tasks import Task
+from dni_dist.core.tasks import Task
 from dni_dist.transports.base import Stream
 
 

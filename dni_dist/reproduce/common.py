@@ -13,9 +13,9 @@ import torch
 
 from dni_dist.builder import build_stages, load_data
 from dni_dist.config import TrainConfig, load_config
+from dni_dist.core.stage import Stage
 from dni_dist.data import Dataset, batches
 from dni_dist.engines.local import LocalEngine
-from dni_dist.stage import Stage
 
 
 @dataclass

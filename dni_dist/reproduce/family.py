@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
+from dni_dist.core.feedback import FALinear
+from dni_dist.core.methods import METHODS
 from dni_dist.data import batches
-from dni_dist.feedback import FALinear
-from dni_dist.methods import METHODS
 from dni_dist.reproduce.common import Run, build, figure, fit, publish, save
 
 FINDING = (

@@ -21,36 +21,9 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-import torch
-
-from dni_dist.messages import Kind, Message
-
-KIND_CODES = {kind: code for code, kind in enumerate(Kind)}
-CODE_KINDS = dict(enumerate(Kind))
-
-
-class TransportError(RuntimeError):
-    """A peer or the wire failed; the message says which stream."""
-
-
-class TransportTimeout(TransportError):
-    """Nothing arrived within the timeout."""
-
-
-@dataclass(frozen=True)
-class Stream:
-    """One direction between two stages and the shapes of what it carries."""
-
-    src: int
-    dst: int
-    up: bool  # activations (with labels) go up; gradients and errors come down
-    shape: tuple[int, ...]
-    labels_shape: tuple[int, ...] = ()
-    labels_dtype: torch.dtype = torch.long
-
-    @property
-    def name(self) -> str:
-        return f"{'up' if self.up else 'down'} {self.src}->{self.dst}"
+from dni_dist.core.messages import CODE_KINDS, KIND_CODES, Message, Stream, message_bytes
+from dni_dist.transports.errors import TransportError, TransportTimeout
+from dni_dist.transports.validate import DEFAULT_MAX_MESSAGE_BYTES, SentSteps, StreamGuard
 
 
 @dataclass
@@ -79,13 +52,6 @@ class TransportStats:
         }
 
 
-def message_bytes(msg: Message) -> int:
-    n = msg.tensor.numel() * msg.tensor.element_size() + 16  # + the (kind, step) header
-    if msg.labels is not None:
-        n += msg.labels.numel() * msg.labels.element_size()
-    return n
-
-
 class Transport(ABC):
     """Threads move bytes; the stage loop only sees ``send``/``recv``."""
 
@@ -97,8 +63,6 @@ class Transport(ABC):
         capacity: int = 4,
         max_message_bytes: int | None = None,
     ) -> None:
-        # validate.py builds on this module's Stream and TransportError, hence the late import.
-        from dni_dist.transports.validate import DEFAULT_MAX_MESSAGE_BYTES, SentSteps, StreamGuard
 
         self.rank = rank
         self.inbound = {s.src: s for s in inbound}
@@ -237,3 +201,15 @@ class Transport(ABC):
 
     @abstractmethod
     def _receive_one(self, stream: Stream) -> Message: ...
+
+
+__all__ = [
+    "CODE_KINDS",
+    "KIND_CODES",
+    "Stream",
+    "Transport",
+    "TransportError",
+    "TransportStats",
+    "TransportTimeout",
+    "message_bytes",
+]

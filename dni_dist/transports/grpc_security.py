@@ -23,8 +23,8 @@ from pathlib import Path
 
 import grpc
 
-from dni_dist.config import is_loopback
 from dni_dist.errors import ConfigError
+from dni_dist.transports.addresses import is_loopback
 
 TOKEN_HEADER = "authorization"
 TOKEN_SCHEME = "Bearer "

@@ -21,7 +21,7 @@ from concurrent import futures
 import grpc
 import torch
 
-from dni_dist.messages import Message
+from dni_dist.core.messages import Message
 from dni_dist.transports.base import Stream, Transport, TransportError
 from dni_dist.transports.grpc_security import GrpcSecurity
 from dni_dist.transports.validate import StreamGuard, WireViolation

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 
-from dni_dist.messages import Message
+from dni_dist.core.messages import Message
 from dni_dist.transports.base import Stream, Transport
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from dni_dist.messages import Message
+from dni_dist.core.messages import Message
 from dni_dist.transports.base import Transport, TransportError, TransportTimeout, message_bytes
 
 

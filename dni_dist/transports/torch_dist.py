@@ -17,7 +17,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from dni_dist.messages import Message
+from dni_dist.core.messages import Message
 from dni_dist.transports.base import CODE_KINDS, KIND_CODES, Stream, Transport
 from dni_dist.transports.validate import WireViolation
 

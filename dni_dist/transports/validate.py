@@ -15,8 +15,8 @@ import threading
 
 import torch
 
-from dni_dist.messages import Kind, Message
-from dni_dist.transports.base import Stream, TransportError, message_bytes
+from dni_dist.core.messages import Kind, Message, Stream, message_bytes
+from dni_dist.transports.errors import TransportError
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 # Down-stream steps remembered for the duplicate check. Targets trail the newest step by

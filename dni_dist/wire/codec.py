@@ -13,8 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from dni_dist.messages import Kind, Message
-from dni_dist.transports.base import Stream
+from dni_dist.core.messages import Kind, Message, Stream
 from dni_dist.wire import dni_pb2 as pb
 
 PROTOCOL_VERSION = pb.VERSION_1

@@ -25,8 +25,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from dni_dist.core.synthetic import SyntheticGradient
 from dni_dist.errors import ConfigError
-from dni_dist.synthetic import SyntheticGradient
 
 METHODS: tuple[str, ...] = ("backprop", "sg", "sg-prop", "fa", "dfa", "kickback")
 Waits = Literal["nothing", "grad", "error"]

@@ -15,10 +15,10 @@ import torch
 
 from dni_dist.builder import load_data, plan_model
 from dni_dist.config import TrainConfig
+from dni_dist.core.methods import build_boundary
+from dni_dist.core.synthetic import build_sg
 from dni_dist.data import Dataset
 from dni_dist.errors import ConfigError
-from dni_dist.methods import build_boundary
-from dni_dist.synthetic import build_sg
 
 
 def _count(module: torch.nn.Module) -> int:

@@ -1,7 +1,7 @@
 """Prometheus metrics: one endpoint per job, on the driver.
 
 Stages never talk to Prometheus. Each stage hands out a plain-data *snapshot* (a dict of
-numbers, cheap to pickle across a Ray call) from ``StageProbe.snapshot``; the driver keeps
+numbers, cheap to pickle across a Ray call) from ``core.probe.StageProbe.snapshot``; the driver keeps
 the latest snapshot of every stage plus the job-level values in a ``MetricsHub``, and a
 custom collector turns those into metric families when Prometheus scrapes. One endpoint
 per job is what the research notes recommend: prometheus_client in every actor would need
@@ -14,22 +14,16 @@ Names and labels are a shared contract (BRIEF.md; the dashboard relies on them):
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from dni_dist.core.probe import Snapshot
 from dni_dist.errors import ConfigError
-from dni_dist.histogram import Histogram
-
-if TYPE_CHECKING:
-    from dni_dist.stage import Stage
-
-Snapshot = dict[str, Any]
 
 # (metric name, snapshot key, help). Counter names end in _total as exposed.
 STAGE_COUNTERS: tuple[tuple[str, str, str], ...] = (
@@ -78,71 +72,6 @@ JOB_COUNTERS: tuple[tuple[str, str, str], ...] = (
 METRIC_NAMES: tuple[str, ...] = tuple(
     name for table in (STAGE_COUNTERS, STAGE_GAUGES, STAGE_HISTOGRAMS, JOB_GAUGES, JOB_COUNTERS) for name, _, _ in table
 )
-
-# Wall seconds a busy ratio is measured over at least (a snapshot right after another
-# would otherwise divide by almost nothing).
-_MIN_BUSY_WINDOW = 0.5
-
-
-def _histogram(h: Histogram) -> dict[str, Any]:
-    return {"bounds": list(h.bounds), "buckets": h.cumulative(), "sum": h.total}
-
-
-class StageProbe:
-    """Reads one stage (and its transport) into snapshots, from any thread.
-
-    It reads counters the stage's own thread is updating without a lock: a snapshot may be a
-    step behind, never wrong in kind, and the hot path pays nothing. Interval values (busy
-    ratio, SG loss and cosine) are means since the previous snapshot.
-    """
-
-    def __init__(self, stage: Stage, batch_size: int) -> None:
-        self.stage = stage
-        self.batch_size = batch_size
-        self._busy_ref = (time.perf_counter(), stage.stats.compute_seconds)
-        self._busy_ratio = 0.0
-        self._sg_ref = (0, 0.0, 0.0)
-        self._sg: tuple[float | None, float | None] = (None, None)
-
-    def snapshot(self, transport: Any = None) -> Snapshot:
-        stats = self.stage.stats
-        now, compute = time.perf_counter(), stats.compute_seconds
-        wall0, compute0 = self._busy_ref
-        if now - wall0 >= _MIN_BUSY_WINDOW:
-            self._busy_ratio = min(1.0, max(0.0, (compute - compute0) / (now - wall0)))
-            self._busy_ref = (now, compute)
-        n, loss_sum, cos_sum = stats.sg_updates, stats.sg_loss_sum, stats.sg_cosine_sum
-        n0, loss0, cos0 = self._sg_ref
-        if n > n0:
-            self._sg = ((loss_sum - loss0) / (n - n0), (cos_sum - cos0) / (n - n0))
-            self._sg_ref = (n, loss_sum, cos_sum)
-        wire = transport.stats if transport is not None else None
-        return {
-            "stage": self.stage.index,
-            "counters": {
-                "steps": stats.steps,
-                "samples": stats.steps * self.batch_size,
-                "updates": stats.updates,
-                "dropped_targets": stats.dropped_targets,
-                # Counted once numeric-fault handling lands in StageStats; 0 until then.
-                "nonfinite_steps": getattr(stats, "nonfinite_steps", 0),
-                "sent_bytes": wire.bytes_sent if wire else 0,
-                "received_bytes": wire.bytes_received if wire else 0,
-                "sent_messages": wire.messages_sent if wire else 0,
-                "received_messages": wire.messages_received if wire else 0,
-            },
-            "gauges": {
-                "queue_depth": transport.queued if transport is not None else 0,
-                "pending_steps": self.stage.pending_steps,
-                "sg_loss": self._sg[0],
-                "sg_cosine": self._sg[1],
-                "busy_ratio": self._busy_ratio,
-            },
-            "histograms": {
-                "step_seconds": _histogram(stats.step_seconds),
-                "staleness_steps": _histogram(stats.staleness),
-            },
-        }
 
 
 @dataclass

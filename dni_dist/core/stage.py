@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dni_dist.histogram import STALENESS_BOUNDS, STEP_SECONDS_BOUNDS, Histogram
-from dni_dist.messages import Kind, Message
-from dni_dist.methods import Boundary, SyntheticBoundary
-from dni_dist.tasks import Task
+from dni_dist.core.histogram import STALENESS_BOUNDS, STEP_SECONDS_BOUNDS, Histogram
+from dni_dist.core.messages import Kind, Message
+from dni_dist.core.methods import Boundary, SyntheticBoundary
+from dni_dist.core.tasks import Task
 
 TARGET_MODES: tuple[str, ...] = ("bootstrap", "true", "lambda")
 

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
-from dni_dist import checkpoint
-from dni_dist.checkpoint import Position
 from dni_dist.config import TrainConfig
 from dni_dist.errors import ConfigError, RunFailed, StageLost
+from dni_dist.operations import checkpoint
+from dni_dist.operations.checkpoint import Position
 
 
 class RecoverableEngine(Protocol):

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from dni_dist.config import TrainConfig
-from dni_dist.metrics import JobMetrics, MetricsHub, MetricsServer, Snapshot
-from dni_dist.progress import Progress
+from dni_dist.operations.metrics import JobMetrics, MetricsHub, MetricsServer, Snapshot
+from dni_dist.operations.progress import Progress
 
 POLL_SECONDS = 1.0
 
