@@ -17,9 +17,9 @@ from conftest import config
 from helpers import start_local_ray
 from prometheus_client.parser import text_string_to_metric_families
 
-from dni_dist.operations import monitor as monitor_module
 from dni_dist.core.histogram import Histogram
 from dni_dist.errors import ConfigError
+from dni_dist.operations import monitor as monitor_module
 from dni_dist.operations.metrics import METRIC_NAMES, MetricsHub, MetricsServer
 from dni_dist.runner import train
 
