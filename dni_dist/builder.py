@@ -99,7 +99,13 @@ def build_stages(config: TrainConfig, input_shape: tuple[int, ...], task: Task, 
             if config.method in ("sg", "sg-prop"):
                 sg = build_sg(config.sg, plan.cut_shapes[k], task.context_dim, where=f"cut {k + 1}")
             boundary = build_boundary(
-                config.method, sg, plan.cut_shapes[k], task.n_outputs, config.seed * 31 + k, config.sg_prop_alpha
+                config.method,
+                sg,
+                plan.cut_shapes[k],
+                task.n_outputs,
+                config.seed * 31 + k,
+                config.sg_prop_alpha,
+                config.fdg_shrink,
             )
             sg_optimizer = make_optimizer(list(boundary.parameters()), config.optim, lr=config.sg.lr)
             if config.dist.micro_batches > 1 and not boundary.update_locked:

@@ -45,6 +45,10 @@ class SGConfig(SGSpec):
     # Clip each example's SG output to this L2 norm before it is used (0 = off): a bound on
     # what a badly trained SG can do to its segment.
     clip: float = 0.0
+    # Research knob (local engine): deliver every SG target and delayed gradient this many
+    # steps late, deterministically, to reproduce the staleness of a deep asynchronous
+    # pipeline on one machine. 0 = lockstep, the reference semantics.
+    delay: int = 0
 
 
 @dataclass
@@ -137,6 +141,8 @@ class TrainConfig:
     out: str = "runs/latest"
     update_prob: float = 1.0
     sg_prop_alpha: float = 1.0
+    # method=fdg: FDG's gradient shrinking factor on the delayed gradient (pair with optim.name=sgd).
+    fdg_shrink: float = 0.5
     log_every: int = 50
     # Prometheus endpoint served by the driver (0 = off).
     metrics_port: int = 0
@@ -186,6 +192,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "seed": (0, 2**31 - 1),
     "update_prob": (0.0, 1.0),
     "sg_prop_alpha": (0.0, None),
+    "fdg_shrink": (1e-6, 1.0),
     "log_every": (1, None),
     "metrics_port": (0, 65535),
     "nan_limit": (1, None),
@@ -200,6 +207,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "sg.target_lambda": (0.0, 1.0),
     "sg.lr": (0.0, None),
     "sg.window": (1, 1 << 24),
+    "sg.delay": (0, 1 << 20),
     "data.batch_size": (1, 1 << 24),
     "data.dim": (1, 1 << 20),
     "data.samples": (8, 1 << 26),
@@ -391,6 +399,16 @@ def _check_cross(config: TrainConfig) -> None:
         cuts = config.cuts
         if any(c < 1 for c in cuts) or any(b <= a for a, b in itertools.pairwise(cuts)):
             raise ConfigError(f"cuts={cuts} must be strictly increasing block indices >= 1")
+    if config.sg.delay and config.runtime != "local":
+        raise ConfigError(
+            f"sg.delay={config.sg.delay} emulates staleness on the local engine; with runtime={config.runtime} "
+            "targets are as late as the pipeline makes them (set sg.delay=0)"
+        )
+    if config.sg.delay >= config.sg.window:
+        raise ConfigError(
+            f"sg.delay={config.sg.delay} needs sg.window > {config.sg.delay} (got {config.sg.window}): "
+            "a step must still be kept when its target arrives"
+        )
     d = config.dist
     if d.slow_stage >= config.segments:
         raise ConfigError(f"dist.slow_stage={d.slow_stage} names no stage; use -1..{config.segments - 1}")

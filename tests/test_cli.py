@@ -80,6 +80,11 @@ def test_yaml_config_then_flags_override(tmp_path) -> None:
         (["--set", "nonsense"], "nonsense"),
         (["--epochs", "0"], "epochs=0"),
         (["--runtime", "cloud"], "runtime='cloud'"),
+        (["--set", "sg.delay=-1"], "sg.delay=-1"),
+        (["--set", "sg.delay=64"], "sg.delay=64"),
+        (["--runtime", "ray", "--set", "sg.delay=4"], "sg.delay=4"),
+        (["--method", "fdg", "--set", "fdg_shrink=0"], "fdg_shrink=0"),
+        (["--method", "fdg", "--set", "fdg_shrink=1.5"], "fdg_shrink=1.5"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_value_with_exit_2(args: list[str], named: str, capsys, tmp_path) -> None:

@@ -57,8 +57,9 @@ def _local_states(overrides: tuple[str, ...], epochs: int) -> list[dict[str, dic
         (("method=backprop", "segments=2"), "gloo"),
         (("method=sg", "sg.target=true", "segments=3"), "grpc"),
         (("method=backprop", "segments=2"), "grpc"),
+        (("method=ddg", "segments=3"), "gloo"),
     ],
-    ids=["sg-true-gloo", "sg-bootstrap-gloo", "backprop-gloo", "sg-true-grpc", "backprop-grpc"],
+    ids=["sg-true-gloo", "sg-bootstrap-gloo", "backprop-gloo", "sg-true-grpc", "backprop-grpc", "ddg-gloo"],
 )
 def test_lockstep_ends_with_the_local_engines_parameters(overrides: tuple[str, ...], transport: str) -> None:
     """The sacred test: same order of events, so the same numbers (net and SG)."""
@@ -134,7 +135,7 @@ def test_async_k3_k4_reach_the_local_accuracy_band(tmp_path, segments: int) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["backprop", "sg-prop", "fa", "dfa", "kickback"])
+@pytest.mark.parametrize("method", ["backprop", "sg-prop", "fa", "dfa", "kickback", "ddg"])
 def test_every_method_runs_on_the_engine(tmp_path, method: str) -> None:
     summary = train(config(*RAY, f"method={method}", "segments=3", "epochs=3", f"out={tmp_path}"))
     assert summary["test_accuracy"] > 0.5

@@ -18,6 +18,8 @@ CASES = [
     ("method=fa", "segments=2"),
     ("method=dfa", "segments=3"),
     ("method=kickback", "segments=3"),
+    ("method=ddg", "segments=3"),
+    ("method=fdg", "segments=3"),
 ]
 
 

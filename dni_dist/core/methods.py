@@ -12,6 +12,11 @@ With target = SG(h) - s this gives dL_SG/dh = s dSG/dh, so
 - kickback: SG(h) = h 1 (ones), s = e              -> e 1^T
 - sg:       SG(h, y) learned; the lower part gets SG(h, y) without waiting
 - sg-prop:  SG(h, y) + alpha dL_SG/dh with the target dL/dh: waits for it
+- ddg:      backprop's boundary, but the lower part does not wait: it keeps taking inputs
+            and applies each step's true gradient when it arrives, through the weights
+            that step's forward used (Decoupled Parallel Backpropagation, delayed gradients)
+- fdg:      ddg with FDG's gradient shrinking: the delayed gradient times ``shrink`` < 1
+            (a real step-size change under SGD, FDG's optimiser; Adam divides it away)
 
 Gradients exchanged between stages are gradients of the batch-mean loss (what autograd
 gives); learned SGs work in per-example units (see synthetic.py), hence the batch factors.
@@ -28,7 +33,7 @@ from torch import nn
 from dni_dist.core.synthetic import SyntheticGradient
 from dni_dist.errors import ConfigError
 
-METHODS: tuple[str, ...] = ("backprop", "sg", "sg-prop", "fa", "dfa", "kickback")
+METHODS: tuple[str, ...] = ("backprop", "sg", "sg-prop", "fa", "dfa", "kickback", "ddg", "fdg")
 Waits = Literal["nothing", "grad", "error"]
 
 
@@ -85,6 +90,36 @@ class FeedbackAlignmentBoundary(BackpropBoundary):
     """The cut itself passes the error on unchanged; FA lives in the layers above it."""
 
     name = "fa"
+
+
+class DelayedGradientBoundary(BackpropBoundary):
+    """Delayed gradients (DDG): the true dL/dh, applied whenever it arrives.
+
+    Not update locked: the stage below runs ahead on its current weights, and the stage
+    keeps each step's weights (weight stashing) so the delayed gradient is exactly
+    backprop's for that step. In lockstep it is backprop.
+    """
+
+    name = "ddg"
+    update_locked = False
+    # It never waits for the error before going on (that is its point); it only applies the
+    # error whenever it comes.
+    backwards_locked = False
+
+
+class ShrunkDelayedGradientBoundary(DelayedGradientBoundary):
+    """FDG's gradient shrinking: the delayed gradient times ``shrink`` in (0, 1]."""
+
+    name = "fdg"
+
+    def __init__(self, shrink: float) -> None:
+        super().__init__()
+        if not 0.0 < shrink <= 1.0:
+            raise ValueError(f"shrink={shrink} must be in (0, 1]")
+        self.shrink = shrink
+
+    def signal(self, h: torch.Tensor, context: torch.Tensor, received: torch.Tensor | None) -> torch.Tensor:
+        return super().signal(h, context, received) * self.shrink
 
 
 class DirectFeedbackBoundary(_FixedSGBoundary):
@@ -169,10 +204,15 @@ def build_boundary(
     n_outputs: int,
     seed: int,
     sg_prop_alpha: float = 1.0,
+    fdg_shrink: float = 0.5,
 ) -> Boundary:
     """The boundary object for ``method`` at one cut; ``sg`` is required for learned methods."""
     if method in ("backprop", "fa"):
         return BackpropBoundary() if method == "backprop" else FeedbackAlignmentBoundary()
+    if method == "ddg":
+        return DelayedGradientBoundary()
+    if method == "fdg":
+        return ShrunkDelayedGradientBoundary(fdg_shrink)
     if method == "dfa":
         return DirectFeedbackBoundary(feature_shape, n_outputs, seed)
     if method == "kickback":

@@ -164,9 +164,11 @@ class Stage:
         self._update_rng = torch.Generator().manual_seed(seed * 1009 + index)
         self._clock = 0
         learned = isinstance(boundary, SyntheticBoundary) and not boundary.update_locked
-        # Weight stashing is needed only where the segment updates before it must pass the
-        # true gradient down: an unlocked SG stage that has a stage below and true targets.
-        self._stash = learned and index > 0 and target_mode != "bootstrap"
+        # Weight stashing is needed wherever the segment updates before a step's true gradient
+        # goes through it: an unlocked SG stage that has a stage below and true targets, and
+        # every delayed-gradient (ddg/fdg) stage, whose own update comes after later forwards.
+        delayed = boundary is not None and not boundary.update_locked and boundary.waits_for == "grad"
+        self._stash = (learned and index > 0 and target_mode != "bootstrap") or delayed
 
     # ----------------------------------------------------------------- events
     def forward(self, step: int, x: torch.Tensor, labels: torch.Tensor) -> list[Message]:

@@ -4,6 +4,12 @@ A step is run to completion before the next one starts: the data batch enters st
 and messages are routed first-in first-out until none is left. Each stage therefore sees
 its events of step s in causal order and all of them before step s+1; any engine that
 keeps that per-stage order computes exactly the same parameters.
+
+With ``delay=D > 0`` (``sg.delay``) the engine instead holds every message that an
+unlocked stage learns from (SG targets, bootstrapped or true, and the delayed gradients of
+``ddg``) and delivers it after step s + D, in order: the staleness an asynchronous
+pipeline of depth D would impose, made deterministic. Locked methods wait for their
+signal by definition, so theirs are never held.
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ from dni_dist.core.stage import Stage
 
 
 class LocalEngine:
-    def __init__(self, stages: list[Stage]) -> None:
+    def __init__(self, stages: list[Stage], delay: int = 0) -> None:
         if [s.index for s in stages] != list(range(len(stages))):
             raise ValueError("the local engine needs every stage, in order")
+        if delay < 0:
+            raise ValueError(f"delay={delay} must be >= 0")
         self.stages = stages
         self.step = 0
+        self.delay = delay
+        self._held: deque[Message] = deque()  # targets waiting for their delivery step
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One lockstep step; returns the top stage's loss for this batch."""
@@ -30,15 +40,35 @@ class LocalEngine:
         self.step += 1
         queue: deque[Message] = deque()
         self._input(self.stages[0], step, x, y, queue)
+        self._route(queue, now=step)
+        while self._held and self._held[0].step + self.delay <= step:
+            self._route(deque([self._held.popleft()]), now=step)
+        return self.stages[-1].take_losses()[-1]
+
+    def drain(self) -> None:
+        """Deliver every held target now (a pipeline drained at a snapshot or the end)."""
+        while self._held:
+            self._route(deque([self._held.popleft()]), now=None)
+
+    def _route(self, queue: deque[Message], now: int | None) -> None:
+        """Deliver messages first-in first-out until none is left. With a delay, a target of
+        an unlocked stage is held while ``now`` is earlier than its step + delay (``now=None``:
+        never held)."""
         while queue:
             msg = queue.popleft()
             stage = self.stages[msg.dst]
             if msg.kind is Kind.ACTIVATION:
                 assert msg.labels is not None
                 self._input(stage, msg.step, msg.tensor, msg.labels, queue)
+            elif now is not None and msg.step + self.delay > now and self._learns_from(stage, msg):
+                self._held.append(msg)
             else:
                 queue.extend(stage.on_message(msg))
-        return self.stages[-1].take_losses()[-1]
+
+    @staticmethod
+    def _learns_from(stage: Stage, msg: Message) -> bool:
+        """Is ``msg`` a target an unlocked stage learns from later (not a locked stage's wait)?"""
+        return msg.kind is not Kind.ACTIVATION and not stage.locked
 
     @staticmethod
     def _input(stage: Stage, step: int, x: torch.Tensor, y: torch.Tensor, queue: deque[Message]) -> None:

@@ -18,7 +18,7 @@ class LocalRun:
     def __init__(self, config: TrainConfig, dataset: Dataset) -> None:
         self.config = config
         self.dataset = dataset
-        self.engine = LocalEngine(build_stages(config, dataset.input_shape, dataset.task))
+        self.engine = LocalEngine(build_stages(config, dataset.input_shape, dataset.task), delay=config.sg.delay)
         self.probes = [StageProbe(s, config.data.batch_size) for s in self.engine.stages]
 
     @property
@@ -35,6 +35,7 @@ class LocalRun:
         return [self.engine.train_step(x, y) for x, y in islice(order, offset, offset + count)]
 
     def stage_states(self) -> list[dict[str, Any]]:
+        self.engine.drain()  # held targets are delivered first, as a drained pipeline would
         return [stage.state_dict() for stage in self.engine.stages]
 
     def restore(self, states: list[dict[str, Any]], step: int) -> None:

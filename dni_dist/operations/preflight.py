@@ -60,7 +60,9 @@ def preflight(config: TrainConfig, dataset: Dataset | None = None) -> str:
             sg = None
             if config.method in ("sg", "sg-prop"):
                 sg = build_sg(config.sg, shape, task.context_dim, where=f"cut {k + 1}")
-            build_boundary(config.method, sg, shape, task.n_outputs, config.seed * 31 + k, config.sg_prop_alpha)
+            build_boundary(
+                config.method, sg, shape, task.n_outputs, config.seed * 31 + k, config.sg_prop_alpha, config.fdg_shrink
+            )
     blocks = [len(segment) for segment in plan.segments]
     cuts = [sum(blocks[: i + 1]) for i in range(len(blocks) - 1)]
     params = [_count(segment) for segment in plan.segments]
