@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--transport", help="gloo (CPU) | nccl (one GPU per segment) | grpc, for runtime=ray")
     train.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     train.add_argument("--schedule", help="async (unlocked, default) | lockstep (the local engine's order)")
-    train.add_argument("--dataset", help="digits | mnist | cifar10 | artificial")
+    train.add_argument("--dataset", help="digits | mnist | cifar10 | artificial | mnist1d")
     train.add_argument("--data-dir", dest="data_dir", help="directory of mnist / cifar10 files")
     train.add_argument("--epochs", help="training epochs")
     train.add_argument("--seed", help="random seed (data split, init, shuffling)")
