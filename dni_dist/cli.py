@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--transport", help="gloo (CPU) | nccl (one GPU per segment) | grpc, for runtime=ray")
     train.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     train.add_argument("--schedule", help="async (unlocked, default) | lockstep (the local engine's order)")
-    train.add_argument("--dataset", help="digits | mnist | cifar10 | artificial")
+    train.add_argument("--dataset", help="digits | mnist | cifar10 | artificial | mnist1d")
     train.add_argument("--data-dir", dest="data_dir", help="directory of mnist / cifar10 files")
     train.add_argument("--epochs", help="training epochs")
     train.add_argument("--seed", help="random seed (data split, init, shuffling)")
@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--quick", action="store_true", help="CI size: a few seconds per method")
     bench.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
+    bench.add_argument("--dataset", help="accuracy: digits (default) | mnist1d | ... (as train's --dataset)")
     bench.add_argument("--target-accuracy", dest="target_accuracy", type=float, help="accuracy: the target")
     bench.add_argument("--max-epochs", dest="max_epochs", type=int, help="accuracy: epochs cap per method")
     bench.add_argument("--methods", help="comma list of methods (default: all)")
@@ -103,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _BENCH_OPTS = (
+    "dataset",
     "target_accuracy",
     "max_epochs",
     "methods",

@@ -13,6 +13,7 @@ import ray
 from helpers import start_local_ray
 
 from dni_dist.bench import BENCHES, run_bench
+from dni_dist.bench.accuracy import SIZES, make_spec
 from dni_dist.bench.common import BASELINES, DNI_METHODS, METHODS
 from dni_dist.cli import _segments, main
 from dni_dist.errors import ConfigError
@@ -72,6 +73,21 @@ def test_bad_bench_options_exit_2_before_starting_anything(capsys, tmp_path, arg
     assert main(["bench", "throughput", "--quick", "--out", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "throughput.json").exists()
+
+
+def test_accuracy_target_and_data_follow_the_dataset(capsys, tmp_path) -> None:
+    spec, target, epochs = make_spec(False, {"settings": ["data.name=mnist1d"]})
+    assert spec.data == ("data.name=mnist1d",) and (spec.width, spec.batch_size, target) == (256, 64, 0.84)
+    spec, target, epochs = make_spec(True, {"dataset": "mnist1d"})
+    assert spec.data == ("data.name=mnist1d",) and (target, epochs) == (SIZES["mnist1d"][0][3], 3)
+    # --set wins over --dataset, as it wins over train's flags; an explicit target wins over both.
+    spec, target, _ = make_spec(True, {"dataset": "mnist1d", "settings": ["data.name=digits"], "target_accuracy": 0.5})
+    assert spec.data == ("data.name=digits",) and target == 0.5
+    assert main(["bench", "accuracy", "--quick", "--out", str(tmp_path), "--dataset", "artificial"]) == 2
+    assert "data.name='artificial' has no default target" in capsys.readouterr().err
+    assert main(["bench", "throughput", "--quick", "--out", str(tmp_path), "--dataset", "mnist1d"]) == 2
+    assert "does not take --dataset" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dni_dist.data import batches, load_dataset
+from dni_dist.data import DATASETS, batches, load_dataset, mnist1d
 from dni_dist.data import mnist as mnist_module
 from dni_dist.errors import ConfigError
 
@@ -112,3 +112,51 @@ def test_batches_depend_only_on_seed_and_epoch() -> None:
     assert first == [b[1].tolist() for b in batches(x, y, 3, seed=1, epoch=0)]
     assert first != [b[1].tolist() for b in batches(x, y, 3, seed=1, epoch=1)]
     assert len(first) == 3  # the incomplete last batch is dropped
+
+
+def test_mnist1d_is_deterministic_by_seed_with_the_documented_shapes() -> None:
+    a, b = mnist1d.make_mnist1d(3, n_train=500, n_test=200), mnist1d.make_mnist1d(3, n_train=500, n_test=200)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    assert not torch.equal(a.x_train, mnist1d.make_mnist1d(4, n_train=500, n_test=200).x_train)
+    assert a.x_train.shape == (500, 1, mnist1d.LENGTH) and a.x_test.shape == (200, 1, mnist1d.LENGTH)
+    assert a.x_train.dtype == torch.float32 and a.y_train.dtype == torch.long
+    assert a.task.kind == "classification" and a.task.n_outputs == 10
+    assert torch.bincount(a.y_train).tolist() == [50] * 10 and torch.bincount(a.y_test).tolist() == [20] * 10
+    assert abs(float(a.x_train.mean())) < 1e-4 and abs(float(a.x_train.std()) - 1.0) < 1e-4
+
+
+def test_mnist1d_test_set_is_a_separate_draw() -> None:
+    small, large = mnist1d.make_mnist1d(0, n_train=300, n_test=100), mnist1d.make_mnist1d(0, n_train=600, n_test=100)
+    # The test draws do not depend on the training size: only the standardisation by the
+    # training set's mean and std differs, an affine map. And no test signal is a training one.
+    pair = torch.stack([small.x_test.flatten(), large.x_test.flatten()])
+    assert float(torch.corrcoef(pair)[0, 1]) > 1 - 1e-6
+    distances = torch.cdist(large.x_test.flatten(1), large.x_train.flatten(1))
+    assert float(distances.min()) > 1e-3
+
+
+def test_mnist1d_via_load_dataset_and_config() -> None:
+    from dni_dist.config import load_config
+
+    config = load_config(overrides=["data.name=mnist1d"])
+    assert config.data.name == "mnist1d" and "mnist1d" in DATASETS
+    with pytest.raises(ConfigError, match=r"data\.name='mnist-1d' is unknown.*mnist1d"):
+        load_config(overrides=["data.name=mnist-1d"])
+    with pytest.raises(ConfigError, match="n_train=5"):
+        mnist1d.make_mnist1d(0, n_train=5)
+
+
+def test_mnist1d_a_tiny_mlp_learns_well_above_chance() -> None:
+    torch.manual_seed(0)
+    data = mnist1d.make_mnist1d(0, n_train=3000, n_test=1000)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for epoch in range(8):
+        for x, y in batches(data.x_train, data.y_train, 64, seed=0, epoch=epoch):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        accuracy = float((net(data.x_test).argmax(1) == data.y_test).float().mean())
+    assert accuracy > 0.45, accuracy  # chance is 0.1

@@ -1,7 +1,8 @@
 """``dni-dist bench NAME``: DNI against the backprop a user would otherwise pick, measured
 side by side in one run. Each benchmark is a module ``dni_dist.bench.<NAME>`` with
 ``run(out: Path, quick: bool, segments: list[int], **opts) -> dict``, imported only when
-asked for (they pull in Ray and matplotlib)."""
+asked for (they pull in Ray and matplotlib). The top layer with ``reproduce``: it may import
+everything below (engines, runner, builder, core, ...), and nothing imports it but ``cli``."""
 
 from __future__ import annotations
 

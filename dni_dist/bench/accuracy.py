@@ -24,16 +24,43 @@ from dni_dist.bench.common import (
     sweep,
 )
 from dni_dist.bench.report import bar_chart, setup_lines, write_json
+from dni_dist.config import parse_override
 from dni_dist.errors import ConfigError
+
+# Per dataset, the default (quick, full) sizes: MLP width, depth, batch, target test
+# accuracy, epochs cap. digits: what backprop reaches in a few epochs. mnist1d: the config's
+# default MLP (3 x 256, Adam 1e-3) at batch 64, where backprop levels off near 0.85-0.86 and
+# first reaches 0.84 after 2,100-3,100 steps (seeds 0-2, benchmarks/RESULTS.md): a run long
+# enough for time to accuracy to matter (a 4 x 1024 MLP at batch 128 reaches 0.83 in 780).
+# Quick sizes are CI's: a few epochs per method (on mnist1d every method measured reached
+# 0.65 in its third epoch).
+SIZES: dict[str, tuple[tuple[int, int, int, float, int], tuple[int, int, int, float, int]]] = {
+    "digits": ((64, 3, 32, 0.8, 3), (1024, 4, 128, 0.95, 30)),
+    "mnist1d": ((64, 3, 128, 0.65, 3), (256, 3, 64, 0.84, 20)),
+}
+
+
+def dataset_of(opts: dict[str, Any]) -> str:
+    """The dataset every method trains on: the last ``--set data.name=...`` (settings are
+    applied after the flags, as in ``dni-dist train``), else ``--dataset``, else digits."""
+    name = opts.get("dataset") or "digits"
+    for text in opts.get("settings") or ():
+        keys, value = parse_override(text)
+        if keys == ["data", "name"]:
+            name = str(value)
+    return name
 
 
 def make_spec(quick: bool, opts: dict[str, Any]) -> tuple[Spec, float, int]:
-    if quick:
-        width, depth, batch, target, max_epochs = 64, 3, 32, 0.8, 3
-    else:
-        width, depth, batch, target, max_epochs = 1024, 4, 128, 0.95, 30
-    spec = Spec.from_options(opts, width, depth, batch, ("data.name=digits",))
-    target = opts.get("target_accuracy") or target
+    dataset = dataset_of(opts)
+    # A dataset without its own sizes gets digits' model and batch, but no guessed target.
+    width, depth, batch, target, max_epochs = SIZES.get(dataset, SIZES["digits"])[0 if quick else 1]
+    spec = Spec.from_options(opts, width, depth, batch, (f"data.name={dataset}",))
+    if opts.get("target_accuracy") is not None:
+        target = opts["target_accuracy"]
+    elif dataset not in SIZES:
+        known = ", ".join(SIZES)
+        raise ConfigError(f"data.name={dataset!r} has no default target ({known} do); give --target-accuracy")
     if not 0.0 < target <= 1.0:
         raise ConfigError(f"--target-accuracy {target}: use a fraction in (0, 1]")
     max_epochs = opts.get("max_epochs") or max_epochs
@@ -103,8 +130,10 @@ def run(
     micro_batches: int | None = None,
     cpus_per_stage: float | None = None,
     settings: list[str] | None = None,
+    dataset: str | None = None,
 ) -> dict[str, Any]:
     opts = {
+        "dataset": dataset,
         "target_accuracy": target_accuracy,
         "max_epochs": max_epochs,
         "width": width,

@@ -10,9 +10,10 @@ from dni_dist.data.base import Dataset, batches
 from dni_dist.data.cifar import load_cifar10
 from dni_dist.data.digits import load_digits
 from dni_dist.data.mnist import load_mnist
+from dni_dist.data.mnist1d import make_mnist1d
 from dni_dist.errors import ConfigError
 
-DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "artificial")
+DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "artificial", "mnist1d")
 
 __all__ = ["DATASETS", "Dataset", "batches", "load_dataset"]
 
@@ -37,4 +38,6 @@ def load_dataset(
         return load_cifar10(path)
     if name == "artificial":
         return make_artificial(task, dim, labels, samples, seed, outputs, grid)
+    if name == "mnist1d":
+        return make_mnist1d(seed)
     raise ConfigError(f"dataset={name!r} is unknown; use one of {', '.join(DATASETS)}")

@@ -2,7 +2,8 @@
 
 Each experiment module has ``FINDING`` (the paper's claim in one sentence) and
 ``run(out, quick) -> dict`` writing ``OUT/NAME.json`` and its PNG figures. They run on the
-local engine: the reproductions test the method, not the runtime.
+local engine: the reproductions test the method, not the runtime. The top layer with
+``bench``: it may import everything below, and nothing imports it but ``cli``.
 """
 
 from __future__ import annotations
