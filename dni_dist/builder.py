@@ -14,6 +14,7 @@ from dni_dist.core.feedback import to_feedback_alignment
 from dni_dist.core.methods import build_boundary
 from dni_dist.core.partition import partition
 from dni_dist.core.stage import Stage
+from dni_dist.core.staleness import StalenessPolicy
 from dni_dist.core.synthetic import build_sg
 from dni_dist.core.tasks import Task
 from dni_dist.data import Dataset, load_dataset
@@ -133,6 +134,7 @@ def build_stages(config: TrainConfig, input_shape: tuple[int, ...], task: Task, 
                 nan_limit=config.nan_limit,
                 sg_clip=config.sg.clip,
                 micro_batches=config.dist.micro_batches,
+                staleness=StalenessPolicy(config.sg.refresh, config.sg.gate, config.sg.delay_lr),
             )
         )
     return stages

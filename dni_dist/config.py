@@ -23,6 +23,7 @@ import yaml
 
 from dni_dist.core.methods import METHODS
 from dni_dist.core.stage import TARGET_MODES
+from dni_dist.core.staleness import GATES
 from dni_dist.core.synthetic import SG_KINDS, WRAPPERS, SGSpec
 from dni_dist.data import DATASETS
 from dni_dist.errors import ConfigError
@@ -49,6 +50,13 @@ class SGConfig(SGSpec):
     # steps late, deterministically, to reproduce the staleness of a deep asynchronous
     # pipeline on one machine. 0 = lockstep, the reference semantics.
     delay: int = 0
+    # Late targets (core/staleness.py; each is a no-op while targets are fresh): train the SG
+    # on h recomputed with the current weights; scale SG-driven updates by the SG's measured
+    # reliability ("reliability" or "none"); divide the segment's lr by 1 + sqrt(staleness) /
+    # delay_lr (0 = off).
+    refresh: bool = True
+    gate: str = "reliability"
+    delay_lr: float = 1.0
 
 
 @dataclass
@@ -171,6 +179,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "sg.kind": SG_KINDS,
     "sg.wrapper": WRAPPERS,
     "sg.target": TARGET_MODES,
+    "sg.gate": GATES,
     "data.name": DATASETS,
     "data.loss": ("", "log", "mse"),
     "data.task": ("classification", "regression"),
@@ -208,6 +217,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "sg.lr": (0.0, None),
     "sg.window": (1, 1 << 24),
     "sg.delay": (0, 1 << 20),
+    "sg.delay_lr": (0.0, None),
     "data.batch_size": (1, 1 << 24),
     "data.dim": (1, 1 << 20),
     "data.samples": (8, 1 << 26),

@@ -165,6 +165,11 @@ class SyntheticBoundary(Boundary):
         with torch.no_grad():
             return self.sg(h, context) / h.shape[0]
 
+    @torch.no_grad()
+    def predict(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The SG's output in per-example units (what its targets are compared with)."""
+        return self.sg(h.detach(), context)
+
     def sg_loss(
         self, h: torch.Tensor, context: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,7 @@ from torch import nn
 from dni_dist.core.histogram import STALENESS_BOUNDS, STEP_SECONDS_BOUNDS, Histogram
 from dni_dist.core.messages import Kind, Message
 from dni_dist.core.methods import Boundary, SyntheticBoundary
+from dni_dist.core.staleness import StalenessControl, StalenessPolicy
 from dni_dist.core.tasks import Task
 
 TARGET_MODES: tuple[str, ...] = ("bootstrap", "true", "lambda")
@@ -130,6 +131,7 @@ class Stage:
         nan_limit: int = 3,
         sg_clip: float = 0.0,
         micro_batches: int = 1,
+        staleness: StalenessPolicy | None = None,
     ) -> None:
         if target_mode not in TARGET_MODES:
             raise ValueError(f"target mode {target_mode!r} is unknown; use one of {', '.join(TARGET_MODES)}")
@@ -169,6 +171,8 @@ class Stage:
         # every delayed-gradient (ddg/fdg) stage, whose own update comes after later forwards.
         delayed = boundary is not None and not boundary.update_locked and boundary.waits_for == "grad"
         self._stash = (learned and index > 0 and target_mode != "bootstrap") or delayed
+        # Late targets (core/staleness.py): only an unlocked SG updates before they arrive.
+        self._late = StalenessControl(staleness or StalenessPolicy(), optimizer) if learned else None
 
     # ----------------------------------------------------------------- events
     def forward(self, step: int, x: torch.Tensor, labels: torch.Tensor) -> list[Message]:
@@ -217,7 +221,10 @@ class Stage:
             # The stage below still waits for a bootstrap target: send one it will skip.
             input_grad = torch.full_like(pending.x, float("nan")) if want_bootstrap else None
         else:
-            input_grad = self._apply(step, pending, signal, want_input_grad=want_bootstrap, keep_graph=self._stash)
+            gate = self._late.gate() if self._late is not None else None
+            input_grad = self._apply(
+                step, pending, signal, want_input_grad=want_bootstrap, keep_graph=self._stash, scale=gate
+            )
             self.stats.updates_without_waiting += 1
         out = []
         if input_grad is not None:
@@ -358,12 +365,22 @@ class Stage:
         return [Message(Kind.GRAD, msg.step, self.index, self.index - 1, input_grad)]
 
     def _apply(
-        self, step: int, pending: _Pending, signal: torch.Tensor, want_input_grad: bool, keep_graph: bool
+        self,
+        step: int,
+        pending: _Pending,
+        signal: torch.Tensor,
+        want_input_grad: bool,
+        keep_graph: bool,
+        scale: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Backprop ``signal`` through the segment; step the optimiser; maybe return dL/dx."""
+        """Backprop ``signal`` through the segment; step the optimiser (on the parameter
+        gradients times ``scale``, if given); maybe return dL/dx (never scaled)."""
         inputs = pending.params + ([pending.x] if want_input_grad else [])
         grads = torch.autograd.grad(pending.h, inputs, signal, retain_graph=keep_graph, allow_unused=True)
-        self._step_optimizer(grads[: len(pending.params)], step)
+        param_grads = grads[: len(pending.params)]
+        if scale is not None:
+            param_grads = tuple(None if g is None else g * scale for g in param_grads)
+        self._step_optimizer(param_grads, step)
         return grads[-1] if want_input_grad else None
 
     def _step_optimizer(self, grads: tuple[torch.Tensor | None, ...], step: int) -> None:
@@ -394,19 +411,38 @@ class Stage:
     def _train_sg(self, pending: _Pending, target: torch.Tensor) -> None:
         boundary = self.boundary
         assert isinstance(boundary, SyntheticBoundary) and self.sg_optimizer is not None
+        staleness = self._clock - pending.forward_at
+        refresh = self._late is not None and self._late.refresh(staleness)
+        h = self._recompute(pending.x) if refresh else pending.h
+        # How good the SG was for this step: its output on the step's own h, before it
+        # learns from the target (the fitting pass gives just that, unless h is refreshed).
+        prediction = boundary.predict(pending.h, pending.context) if refresh else None
         with torch.enable_grad():
-            loss, prediction = boundary.sg_loss(pending.h, pending.context, target)
+            loss, fitted = boundary.sg_loss(h, pending.context, target)
             self.sg_optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.sg_optimizer.step()
+        prediction = fitted if prediction is None else prediction
         scaled = target.flatten() * target.shape[0]
+        if self._late is not None:
+            self._late.observe(prediction, scaled.view_as(prediction), staleness)
         cosine = torch.nn.functional.cosine_similarity(prediction.flatten(), scaled, dim=0, eps=1e-12)
         self.stats.sg_updates += 1
         self.stats.sg_loss_sum += float(loss.detach())
         self.stats.sg_cosine_sum += float(cosine)
-        staleness = self._clock - pending.forward_at
         self.stats.staleness_sum += staleness
         self.stats.staleness.observe(staleness)
+
+    @torch.no_grad()
+    def _recompute(self, x: torch.Tensor) -> torch.Tensor:
+        """The segment's activation for a stored input under its current weights, in
+        training mode, leaving batch-norm statistics as they were (the step already
+        counted them)."""
+        self.module.train()
+        buffers = {name: b.clone() for name, b in self.module.named_buffers()}
+        if not buffers:
+            return self.module(x.detach())
+        return torch.func.functional_call(self.module, buffers, (x.detach(),))
 
     def _clip(self, signal: torch.Tensor) -> torch.Tensor:
         """Scale each example's SG output down to norm ``sg_clip`` (in per-example units)."""
@@ -443,6 +479,7 @@ class Stage:
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "sg_optimizer": None if self.sg_optimizer is None else self.sg_optimizer.state_dict(),
             "update_rng": self._update_rng.get_state(),
+            "late_targets": None if self._late is None else self._late.state_dict(),
             "clock": self._clock,
             "stats": stats,
             # Gradients a GPipe group has accumulated so far (a chunk may end inside a group).
@@ -458,6 +495,8 @@ class Stage:
         if self.sg_optimizer is not None:
             self.sg_optimizer.load_state_dict(state["sg_optimizer"])
         self._update_rng.set_state(state["update_rng"])
+        if self._late is not None:
+            self._late.load_state_dict(state["late_targets"])
         self._clock = state["clock"]
         if state.get("accumulated") is not None:
             for p, g in zip(self.module.parameters(), state["accumulated"], strict=True):

@@ -1,0 +1,98 @@
+"""Keeping synthetic-gradient training sound when its targets arrive late.
+
+In a pipeline of K stages the target for step s reaches stage 0 about 2(K-1) steps after
+its forward pass. Measured on digits (benchmarks/RESULTS.md, "Staleness"), a plain SG
+collapses to chance from a delay of 8 steps: the SG learns from (h, target) pairs whose h
+the segment no longer produces, the segment follows the SG, and each moves the other's
+target. Three measures, each a no-op for fresh targets, hold it off:
+
+1. **Refresh** (the one that carries most of the gain): when a target for step s arrives
+   at least ``REFRESH_AFTER`` steps late, the SG is trained on h recomputed from the stored
+   input x with the segment's *current* weights, not on the h of step s. The SG then
+   learns about the activations the segment produces now, which is where it will be
+   queried. Costs one forward of the segment (no graph) per late target; no memory, since
+   the stage keeps x anyway.
+2. **Reliability gate**: the stage knows how good its SG is, because the true targets do
+   arrive. It keeps a running mean of r = max(0, 1 - |SG - t|^2 / |t|^2) over arrived
+   targets (the SG's prediction on the stored h, before the SG learns from it) and, while
+   targets are late, scales the SG-driven update of the segment by r: a poor SG moves the
+   segment less than Adam's unit-size step would.
+3. **Delay-aware learning rate**: the segment's learning rate is divided by
+   1 + sqrt(mean staleness) / ``delay_lr``, as delayed-gradient methods do.
+
+Running means are tensors on the stage's device, so none of this reads back to the host.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Targets fewer steps late than this count as fresh: no refresh, no gate (the lockstep
+# engine delivers at staleness 0, a two-stage pipeline with two steps in flight at 1).
+REFRESH_AFTER = 2
+GATE_AFTER = 4
+GATES: tuple[str, ...] = ("reliability", "none")
+# Weight of the past in the running means (reliability, staleness): about 10 targets.
+_EMA = 0.9
+
+
+@dataclass(frozen=True)
+class StalenessPolicy:
+    """How a stage with a learned, unlocked SG treats late targets (``sg.*`` in the config)."""
+
+    refresh: bool = True
+    gate: str = "reliability"
+    delay_lr: float = 1.0  # 0 = the segment's learning rate does not depend on staleness
+
+    def __post_init__(self) -> None:
+        if self.gate not in GATES:
+            raise ValueError(f"gate={self.gate!r} is unknown; use one of {', '.join(GATES)}")
+        if self.delay_lr < 0 or not math.isfinite(self.delay_lr):
+            raise ValueError(f"delay_lr={self.delay_lr} must be a finite number >= 0")
+
+
+class StalenessControl:
+    """The running state behind a ``StalenessPolicy`` for one stage."""
+
+    def __init__(self, policy: StalenessPolicy, optimizer: torch.optim.Optimizer | None) -> None:
+        self.policy = policy
+        self.optimizer = optimizer
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups] if optimizer is not None else []
+        self.reliability: torch.Tensor | None = None  # running mean of r, on the SG's device
+        self.staleness = 0.0  # running mean of target staleness, in steps
+        self.targets = 0
+
+    def refresh(self, staleness: int) -> bool:
+        """Should the SG learn from a recomputed h for a target this many steps late?"""
+        return self.policy.refresh and staleness >= REFRESH_AFTER
+
+    def gate(self) -> torch.Tensor | None:
+        """The factor on the SG-driven update, or None while targets are fresh."""
+        if self.policy.gate == "none" or self.staleness < GATE_AFTER or self.reliability is None:
+            return None
+        return self.reliability
+
+    @torch.no_grad()
+    def observe(self, prediction: torch.Tensor, target: torch.Tensor, staleness: int) -> None:
+        """One arrived target: the SG's prediction for it (same units) and how late it came."""
+        error = (prediction - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+        r = (1.0 - error).clamp_min(0.0)
+        self.reliability = r if self.reliability is None else _EMA * self.reliability + (1 - _EMA) * r
+        self.staleness = float(staleness) if not self.targets else _EMA * self.staleness + (1 - _EMA) * staleness
+        self.targets += 1
+        if self.policy.delay_lr and self.optimizer is not None:
+            factor = 1.0 / (1.0 + math.sqrt(self.staleness) / self.policy.delay_lr)
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+                group["lr"] = base * factor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reliability": self.reliability, "staleness": self.staleness, "targets": self.targets}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reliability = state["reliability"]
+        self.staleness = state["staleness"]
+        self.targets = state["targets"]
