@@ -1,8 +1,9 @@
 """The stage loop: one stage driven by the messages a transport delivers.
 
 ``async`` is the unlocked schedule of DESIGN.md: stage 0 feeds a new batch whenever it
-may (an ``sg`` stage as long as fewer than ``max_in_flight`` steps wait for targets; a
-locked stage only when nothing is pending), every stage forwards and sends up at once, updates
+may (an ``sg`` stage as long as fewer than its in-flight limit of steps wait for targets:
+``max_in_flight``, or with 0 what the pipeline needs within ``pending_memory`` bytes, see
+core/pending.py; a locked stage only when nothing is pending), every stage forwards and sends up at once, updates
 from its SG, and trains its SG whenever a target arrives. Memory stays bounded: the
 transport's queues are bounded and block the sender, and pending steps are capped.
 With ``micro_batches`` M > 1 (pipelined backprop, GPipe), a locked stage also takes inputs
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from dni_dist.core.messages import Kind, Message
+from dni_dist.core.pending import AUTO, PendingMeter, in_flight_limit, pending_budget
 from dni_dist.core.stage import Stage
 from dni_dist.transports.base import Transport, TransportError
 
@@ -50,8 +52,9 @@ class StageLoop:
         schedule: str = "async",
         timeout: float = 120.0,
         slow_seconds: float = 0.0,
-        max_in_flight: int = 2,
+        max_in_flight: int = AUTO,
         slow_jitter: float = 0.0,
+        pending_memory: int = AUTO,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule {schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
@@ -62,7 +65,12 @@ class StageLoop:
         self.slow_seconds = slow_seconds  # test hook: pretend each input costs this much more
         self.slow_jitter = slow_jitter  # ... plus up to this much, uniformly at random
         self._jitter = random.Random(stage.index)
-        self.max_in_flight = stage.micro_batches if stage.locked else max_in_flight
+        self.meter = PendingMeter()
+        self._requested = (max_in_flight, pending_memory)
+        # Locked stages keep their rule: one step (or one GPipe group) at a time.
+        self.max_in_flight, self.in_flight_bound = (stage.micro_batches, "locked") if stage.locked else (0, "")
+        if not stage.locked:
+            self._resolve_limit(None)
         self._early: list[Message] = []
         self._max_queued = 0
         self._max_pending = 0
@@ -165,8 +173,11 @@ class StageLoop:
 
     # ---------------------------------------------------------------- events
     def _input(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        for out in self.stage.forward(step, x, y):  # send up before updating
+        measured = self.meter.step_bytes is not None
+        for out in self.meter.forward(self.stage, step, x, y):  # send up before updating
             self.transport.send(out)
+        if not measured and not self.stage.locked:  # the first step told what a step holds
+            self._resolve_limit(pending_budget(self._requested[1], x.device))
         if self.slow_seconds or self.slow_jitter:  # simulated work: counted as compute, like the real kind
             pause = self.slow_seconds + self._jitter.uniform(0.0, self.slow_jitter)
             time.sleep(pause)
@@ -183,6 +194,22 @@ class StageLoop:
     def _sample(self) -> None:
         self._max_queued = max(self._max_queued, self.transport.queued)
         self._max_pending = max(self._max_pending, self.stage.pending_steps)
+
+    def _resolve_limit(self, budget: int | None) -> None:
+        """The in-flight limit; ``budget`` None: before the first step, nothing measured yet."""
+        stage = self.stage
+        self.max_in_flight, self.in_flight_bound = in_flight_limit(
+            self._requested[0], stage.num_stages, stage.target_mode, budget or 0, self.meter.step_bytes
+        )
+
+    def pending_summary(self) -> dict[str, int | str | None]:
+        """summary.json's per-stage in-flight and pending-memory keys (the limit is stage 0's)."""
+        feeds = self.stage.index == 0
+        return {
+            "in_flight_limit": self.max_in_flight if feeds else None,
+            "in_flight_bound": self.in_flight_bound if feeds else None,
+            **self.meter.summary(),
+        }
 
     def _check_order(self, got: int, expected: int) -> None:
         if got != expected:

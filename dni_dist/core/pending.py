@@ -1,0 +1,133 @@
+"""Steps in flight: how many stage 0 may keep waiting for SG targets, and what each holds.
+
+Two numbers bound an unlocked pipeline's stage 0. What the pipeline *needs*: enough steps in
+flight to cover the round trip of a target back to stage 0 (fewer and stage 0 idles, which
+idles everyone above it). What memory *allows*: every waiting step keeps tensors alive.
+``in_flight_limit`` takes the smaller; the scale model (``bench/scale_sim.py``) calls the
+same function, so its ``dni`` prediction is the runtime's default.
+
+``PendingMeter`` measures what one waiting step holds on the stage's first forward only
+(``saved_tensors_hooks`` see every tensor autograd saves), so later steps pay nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from dni_dist.core.messages import Message
+
+if TYPE_CHECKING:  # type hints only: stage.py is the module above this one in core
+    from dni_dist.core.stage import Stage
+
+AUTO = 0  # dist.max_in_flight / dist.pending_memory: derive the value
+# dist.pending_memory=0 on a CPU: stages of a local run share the host's memory.
+CPU_PENDING_MEMORY = 1 << 30
+# ... on a GPU: a quarter of the device, leaving the rest to weights, optimiser state and
+# the step being computed. A fixed 1 GiB would cap a K=8 transformer-sized pipeline at 8 in
+# flight (128 MiB of activations per step at stage 0) when it needs 16.
+GPU_PENDING_FRACTION = 0.25
+
+
+def target_hops(num_stages: int, target_mode: str) -> int:
+    """Hops between stage 0 and the stage whose message completes stage 0's step: the top for
+    true targets (lambda waits for the true part too), stage 1 for bootstrap targets."""
+    if num_stages < 2:
+        return 0
+    return 1 if target_mode == "bootstrap" else num_stages - 1
+
+
+def auto_in_flight(num_stages: int, target_mode: str) -> int:
+    """Steps stage 0 needs in flight to never wait for a target, in steady state.
+
+    Let T be the pipeline's period (the busiest stage's time per step) and d = target_hops.
+    Stage 0's step s waits from its forward until its target has been processed. On the
+    way up, each of the d stages takes the activation at its next free slot and forwards it
+    (at most about one period per hop, links included when they are faster than compute);
+    on the way down, each passes the gradient on within about a period too (true targets
+    through the stashed weights; a bootstrap target leaves stage 1 right after its update).
+    So the round trip is about 2d periods, plus stage 0's own slot for the step: 2d + 1
+    steps keep stage 0 feeding one step per period. One more absorbs jitter (uneven
+    stages, link latency): 2d + 2, that is 2K for true and lambda targets, 4 for bootstrap
+    whatever K. One stage has nothing to wait for: 1.
+    """
+    hops = target_hops(num_stages, target_mode)
+    return 2 * hops + 2 if hops else 1
+
+
+def in_flight_limit(
+    requested: int, num_stages: int, target_mode: str, budget_bytes: int, step_bytes: int | None
+) -> tuple[int, str]:
+    """(limit, what set it): ``explicit`` (``requested`` > 0 is taken as given), ``memory``
+    (``budget_bytes // step_bytes`` steps, at least one) or ``pipeline`` (``auto_in_flight``).
+    ``step_bytes`` None: not measured yet (before the first step): the pipeline's need."""
+    if requested > 0:
+        return requested, "explicit"
+    need = auto_in_flight(num_stages, target_mode)
+    if step_bytes and budget_bytes // step_bytes < need:
+        return max(1, budget_bytes // step_bytes), "memory"
+    return need, "pipeline"
+
+
+def pending_budget(requested: int, device: torch.device) -> int:
+    """Bytes a stage's waiting steps may hold: ``requested``, or the default for ``device``."""
+    if requested > 0:
+        return requested
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * GPU_PENDING_FRACTION)
+    return CPU_PENDING_MEMORY
+
+
+class PendingMeter:
+    """What one waiting step holds at a stage (measured once) and the most steps that waited.
+
+    Counted: the tensors autograd saved for the step's forward graph where the stage keeps
+    that graph until a target arrives (locked methods; stages that stash weights, whose
+    copies the graph saves), plus the input, activation and context kept for the SG, plus
+    the bootstrap target a lambda stage holds until the true one comes. Live parameters
+    and buffers are not counted: they exist whatever the pipeline's depth.
+    """
+
+    def __init__(self) -> None:
+        self.step_bytes: int | None = None
+        self.peak_steps = 0
+
+    def forward(self, stage: Stage, step: int, x: torch.Tensor, labels: torch.Tensor) -> list[Message]:
+        """``stage.forward``; on the first call also measure. Pending steps grow only here."""
+        if self.step_bytes is None and not stage.is_top:
+            saved: list[torch.Tensor] = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                out = stage.forward(step, x, labels)
+            self.step_bytes = _step_bytes(stage, step, saved)
+        else:
+            out = stage.forward(step, x, labels)
+        self.peak_steps = max(self.peak_steps, stage.pending_steps)
+        return out
+
+    def summary(self) -> dict[str, int | None]:
+        step = self.step_bytes or 0
+        return {
+            "pending_step_bytes": step,
+            "peak_pending_steps": self.peak_steps,
+            "peak_pending_bytes": step * self.peak_steps,
+        }
+
+
+def _step_bytes(stage: Stage, step: int, saved: list[torch.Tensor]) -> int:
+    kept = stage.pending_tensors(step)
+    if not kept:  # evicted at once (a window of 0) or poisoned: nothing to measure
+        return 0
+    tensors = kept + (saved if stage.keeps_graph else [])
+    live = {_storage(t) for t in (*stage.module.parameters(), *stage.module.buffers())}
+    held: dict[int, int] = {}
+    for t in tensors:
+        key = _storage(t)
+        if key not in live:  # one storage counted once, however many views of it were saved
+            held[key] = max(held.get(key, 0), t.numel() * t.element_size())
+    extra = kept[1].numel() * kept[1].element_size() if stage.down_messages_per_step > 1 else 0
+    return sum(held.values()) + extra  # extra: a lambda stage's bootstrap target, shaped like h
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
