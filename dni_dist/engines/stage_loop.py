@@ -176,7 +176,7 @@ class StageLoop:
         measured = self.meter.step_bytes is not None
         for out in self.meter.forward(self.stage, step, x, y):  # send up before updating
             self.transport.send(out)
-        if not measured and not self.stage.locked:  # the first step told what a step holds
+        if not measured and self.meter.step_bytes is not None and not self.stage.locked:  # the first step told
             self._resolve_limit(pending_budget(self._requested[1], x.device))
         if self.slow_seconds or self.slow_jitter:  # simulated work: counted as compute, like the real kind
             pause = self.slow_seconds + self._jitter.uniform(0.0, self.slow_jitter)
