@@ -39,21 +39,25 @@ def target_hops(num_stages: int, target_mode: str) -> int:
 
 
 def auto_in_flight(num_stages: int, target_mode: str) -> int:
-    """Steps stage 0 needs in flight to never wait for a target, in steady state.
+    """Steps stage 0 needs in flight to never wait for a target, in steady state: d + 2.
 
-    Let T be the pipeline's period (the busiest stage's time per step) and d = target_hops.
-    Stage 0's step s waits from its forward until its target has been processed. On the
-    way up, each of the d stages takes the activation at its next free slot and forwards it
-    (at most about one period per hop, links included when they are faster than compute);
-    on the way down, each passes the gradient on within about a period too (true targets
-    through the stashed weights; a bootstrap target leaves stage 1 right after its update).
-    So the round trip is about 2d periods, plus stage 0's own slot for the step: 2d + 1
-    steps keep stage 0 feeding one step per period. One more absorbs jitter (uneven
-    stages, link latency): 2d + 2, that is 2K for true and lambda targets, 4 for bootstrap
-    whatever K. One stage has nothing to wait for: 1.
+    Let P be the pipeline's period (the busiest stage's time per step: forward F, SG update
+    U and target handling G, each about one pass through the segment, so about P/3) and
+    d = target_hops. Stage 0's step s is done when its target has been handled there. On the
+    way up each of the d stages forwards it (F); on the way down each hands the gradient on
+    (G, through the stashed weights; a bootstrap target leaves stage 1 right after its
+    update). Each arrival may wait behind the task in progress: half a task, P/6, on
+    average. So a hop up and back costs about F + G + 2 x P/6 = P: the round trip is about d
+    periods, plus stage 0's own step and the far end's (the top's forward and backward, or
+    stage 1's update), d + 2 steps in all keep stage 0 feeding one step per period: K + 1
+    for true and lambda targets (lambda waits for the true part too), 3 for bootstrap
+    targets whatever K. The naive count, a period per hop (2K), adds no speed (the scale
+    model saturates at K for true targets) but doubles the targets' staleness: a step
+    beyond the need only waits in a queue.
+    One stage has nothing to wait for: 1.
     """
     hops = target_hops(num_stages, target_mode)
-    return 2 * hops + 2 if hops else 1
+    return hops + 2 if hops else 1
 
 
 def in_flight_limit(
