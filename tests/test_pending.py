@@ -12,7 +12,8 @@ from threaded import run_threaded
 from dni_dist.core.pending import CPU_PENDING_MEMORY, auto_in_flight, in_flight_limit, pending_budget
 from dni_dist.runner import train
 
-PENDING_KEYS = {"in_flight_limit", "in_flight_bound", "pending_step_bytes", "peak_pending_steps", "peak_pending_bytes"}
+PENDING_KEYS = {"in_flight_limit", "in_flight_bound", "pending_step_limit"}
+PENDING_KEYS |= {"pending_step_bytes", "peak_pending_steps", "peak_pending_bytes"}
 
 
 @pytest.mark.parametrize(
@@ -77,3 +78,15 @@ def test_a_small_memory_budget_lowers_the_limit() -> None:
         stage_loop.StageLoop._resolve_limit = original
     assert (0, 2, "memory") in seen  # 200,000 // 84,480 = 2 < 4
     assert max(r.max_pending for r in reports[0]) <= 2
+
+
+def test_stages_above_0_keep_their_waiting_steps_within_the_budget() -> None:
+    # stage 1 (true targets) holds 396,800 bytes a step (graph and stashed weights), stage 0
+    # 84,480: stage 0 may feed its 4, stage 1 holds an activation while 2 steps wait there
+    cfg = config("segments=3", "dist.pending_memory=800000")
+    stages, reports, _ = run_threaded(cfg, "async", steps=20)
+    assert max(r.max_pending for r in reports[1]) <= 2
+    assert max(r.max_pending for r in reports[0]) <= 4
+    for stage in stages:  # nothing lost or evicted by the holding
+        assert stage.stats.steps == 20 and stage.stats.dropped_targets == stage.stats.evicted_steps == 0
+        assert stage.pending_steps == 0

@@ -156,6 +156,7 @@ def test_summary_reports_the_in_flight_limit_and_pending_memory(tmp_path) -> Non
     low, mid, top = summary["stages"]
     assert (low["in_flight_limit"], low["in_flight_bound"]) == (4, "pipeline")  # K + 1, true targets
     assert mid["in_flight_limit"] is None and top["in_flight_limit"] is None  # only stage 0 feeds
+    assert mid["pending_step_limit"] == (1 << 30) // mid["pending_step_bytes"]  # 1 GiB on a CPU
     assert 1 <= low["peak_pending_steps"] <= 4 and 1 <= mid["peak_pending_steps"] <= 4
     assert low["pending_step_bytes"] == 64 * (64 + 256 + 10) * 4  # digits input, activation, context
     assert mid["pending_step_bytes"] > low["pending_step_bytes"]  # its graph and stashed weights

@@ -54,6 +54,7 @@ class LocalRun:
                 **s.stats.summary(),
                 "in_flight_limit": None,
                 "in_flight_bound": None,
+                "pending_step_limit": None,
                 **meter.summary(),
             }
             for s, meter in zip(self.engine.stages, self.engine.meters, strict=True)

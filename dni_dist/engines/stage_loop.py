@@ -69,6 +69,9 @@ class StageLoop:
         self._requested = (max_in_flight, pending_memory)
         # Locked stages keep their rule: one step (or one GPipe group) at a time.
         self.max_in_flight, self.in_flight_bound = (stage.micro_batches, "locked") if stage.locked else (0, "")
+        # Above stage 0, the budget alone bounds an unlocked stage's waiting steps (None: no
+        # bound yet): its steps may hold more than stage 0's (a graph, stashed weights).
+        self.memory_steps: int | None = None
         if not stage.locked:
             self._resolve_limit(None)
         self._early: list[Message] = []
@@ -109,7 +112,7 @@ class StageLoop:
         stage = self.stage
         fed = 0
         handled = 0
-        held: deque[Message] = deque()  # inputs a locked stage may not start yet
+        held: deque[Message] = deque()  # inputs this stage may not start yet (locked, or over budget)
         while fed < steps or handled < steps * per_step:
             if inputs is not None:
                 msg = self.transport.try_recv()  # targets first: they free pending steps
@@ -122,14 +125,14 @@ class StageLoop:
                 if msg is None:
                     msg = self.transport.recv(self.timeout)
             else:
-                if held and stage.takes_input(held[0].step):
+                if held and self._takes_input(held[0].step):
                     msg = held.popleft()
                 else:
                     msg = self.transport.recv(self.timeout)
                     # A locked stage finishes its step (or group) first: its update would
                     # change the weights under the next step's graph. Direct errors make this
                     # real: stage 0 can get its error, and feed the next step, before we get ours.
-                    if msg.kind is Kind.ACTIVATION and (held or not stage.takes_input(msg.step)):
+                    if msg.kind is Kind.ACTIVATION and (held or not self._takes_input(msg.step)):
                         held.append(msg)
                         continue
                 if msg.kind is Kind.ACTIVATION:
@@ -195,12 +198,24 @@ class StageLoop:
         self._max_queued = max(self._max_queued, self.transport.queued)
         self._max_pending = max(self._max_pending, self.stage.pending_steps)
 
+    def _takes_input(self, step: int) -> bool:
+        """May a stage above 0 start ``step``? A locked one by its rule; an unlocked one while
+        its waiting steps fit the memory budget. Holding the activation cannot deadlock: every
+        waiting step was sent up already, so its target comes (the top never holds)."""
+        stage = self.stage
+        if not stage.takes_input(step):
+            return False
+        return self.memory_steps is None or stage.pending_steps < self.memory_steps
+
     def _resolve_limit(self, budget: int | None) -> None:
         """The in-flight limit; ``budget`` None: before the first step, nothing measured yet."""
         stage = self.stage
+        step_bytes = self.meter.step_bytes
         self.max_in_flight, self.in_flight_bound = in_flight_limit(
-            self._requested[0], stage.num_stages, stage.target_mode, budget or 0, self.meter.step_bytes
+            self._requested[0], stage.num_stages, stage.target_mode, budget or 0, step_bytes
         )
+        if budget and step_bytes:
+            self.memory_steps = max(1, budget // step_bytes)
 
     def pending_summary(self) -> dict[str, int | str | None]:
         """summary.json's per-stage in-flight and pending-memory keys (the limit is stage 0's)."""
@@ -208,6 +223,7 @@ class StageLoop:
         return {
             "in_flight_limit": self.max_in_flight if feeds else None,
             "in_flight_bound": self.in_flight_bound if feeds else None,
+            "pending_step_limit": self.memory_steps,  # the budget in steps (stage 0: within in_flight_limit)
             **self.meter.summary(),
         }
 
