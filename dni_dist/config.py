@@ -87,8 +87,9 @@ class DistConfig:
     # by pending_memory. A fixed small value throttles deep pipelines (2 caps the scale model
     # near 2.8x one device at any K); a larger one makes SG targets staler (benchmarks/RESULTS.md).
     max_in_flight: int = 0
-    # Bytes stage 0's waiting steps may hold (each step's size is measured on its first step):
-    # 0 = a quarter of the GPU's memory, or 1 GiB on a CPU. Bounds the automatic in-flight limit.
+    # Bytes the waiting steps of each unlocked stage may hold (a step's size is measured on the
+    # first step): 0 = half the GPU's memory, or 1 GiB on a CPU. At stage 0 it bounds the
+    # automatic in-flight limit; a stage above holds its next input while its budget is full.
     pending_memory: int = 0
     # gRPC transport: address to listen on (loopback unless told otherwise) and chunk size.
     grpc_bind: str = "127.0.0.1"

@@ -88,6 +88,17 @@ def test_the_memory_budget_bounds_the_default_limit():
     assert bounded == pytest.approx(steady_samples_per_second("dni", costs, BATCH, 60, max_in_flight=2))
 
 
+def test_a_stage_above_0_holds_its_input_while_its_budget_is_full():
+    heavy = dataclasses.replace(SEG, pending_bytes=1000)  # stage 1 keeps a graph, the others little
+    light = dataclasses.replace(SEG, pending_bytes=10)
+    costs = [light, heavy, light, light]
+    free = steady_samples_per_second("dni", costs, BATCH, 60)
+    assert steady_samples_per_second("dni", costs, BATCH, 60, pending_memory=10**6) == pytest.approx(free)
+    held = steady_samples_per_second("dni", costs, BATCH, 60, pending_memory=1000)  # stage 1: one step
+    assert dni_in_flight(costs, "true", pending_memory=1000) == (5, "pipeline")  # stage 0 is not bound
+    assert held < 0.8 * free
+
+
 def test_cluster_costs_per_target_mode():
     model = scale.ClusterModel()
     true, boot, lam = (model.costs(4, m) for m in ("true", "bootstrap", "lambda"))

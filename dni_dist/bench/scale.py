@@ -282,19 +282,21 @@ def predict_cluster(segments: list[int], model: ClusterModel, profile: Profile) 
 
 def default_in_flight(segments: list[int], model: ClusterModel) -> dict[str, Any]:
     """Per K and target mode: stage 0's default in-flight limit (and what set it), what a
-    waiting step holds at stages 0 and 1, and stage 1's pending memory at that limit (its
-    waiting steps are a subset of stage 0's: the budget bounds only stage 0's)."""
+    waiting step holds at stages 0 and 1, and how many waiting steps the budget lets stage 1
+    keep (it holds its next input beyond that)."""
     out: dict[str, Any] = {}
+    budget = model.pending_memory()
     for k in segments:
         for mode in ("true", "bootstrap", "lambda"):
             costs = model.costs(k, mode)
-            limit, bound = dni_in_flight(costs, mode, pending_memory=model.pending_memory())
+            limit, bound = dni_in_flight(costs, mode, pending_memory=budget)
             above = costs[1].pending_bytes if k > 2 else 0
             out.setdefault(str(k), {})[mode] = {
                 "in_flight_limit": limit,
                 "in_flight_bound": bound,
+                "pending_memory": budget,
                 "pending_step_bytes": [costs[0].pending_bytes, above],
-                "stage1_pending_bytes_at_limit": limit * above,
+                "stage1_pending_step_limit": budget // above if above else None,
             }
     return out
 
@@ -304,8 +306,8 @@ METHOD_LABELS = {
     "dni_bootstrap": "DNI default, sg.target=bootstrap",
     "dni_lambda": "DNI default, sg.target=lambda",
     "backprop": "naive model-parallel backprop",
-    "dni_inflight2": "DNI (sg, max_in_flight=2)",
-    "dni_inflight2K": "DNI (sg, max_in_flight=2K)",
+    "dni_inflight2": "DNI (sg, max_in_flight=2, memory not bounded)",
+    "dni_inflight2K": "DNI (sg, max_in_flight=2K, memory not bounded)",
     "gpipe_M4K": "GPipe (M=4K micro-batches, flush)",
     "1f1b": "1F1B steady state (K in flight)",
     "ddp": "DDP (ring allreduce, overlapped)",
@@ -346,12 +348,16 @@ def _markdown(result: dict[str, Any]) -> str:
         lines += ["", f"DNI default at K=8 >= 7.2x one device: {checks['dni_default_k8_at_least_7.2x']}; "]
         lines[-1] += f"ahead of 1F1B: {checks['dni_default_k8_ahead_of_1f1b']}; "
         lines[-1] += f"with max_in_flight=2K >= 7.2x: {checks['dni_k8_at_least_7.2x']}"
-    lines += ["", "Default in-flight limit at stage 0 (K+1 for true and lambda targets, 3 for bootstrap):", ""]
-    lines += ["| K | true | bootstrap | lambda | stage 1 pending memory at the limit (true) |", "|---|---|---|---|---|"]
+    lines += ["", "Default in-flight limit at stage 0 (K+1 for true and lambda targets, 3 for bootstrap), and"]
+    lines += ["stage 1 with true targets: bytes per waiting step, waiting steps its budget allows:", ""]
+    lines += ["| K | true | bootstrap | lambda | stage 1 (true) |", "|---|---|---|---|---|"]
     for k in ks:
         row = result["dni_default_in_flight"][str(k)]
         cells = " | ".join(f"{row[m]['in_flight_limit']} ({row[m]['in_flight_bound']})" for m in row)
-        lines.append(f"| {k} | {cells} | {row['true']['stage1_pending_bytes_at_limit'] / 1e9:.1f} GB |")
+        one = row["true"]
+        stage1 = "-" if one["stage1_pending_step_limit"] is None else f"{one['pending_step_bytes'][1] / 1e9:.1f} GB, "
+        stage1 += "" if one["stage1_pending_step_limit"] is None else str(one["stage1_pending_step_limit"])
+        lines.append(f"| {k} | {cells} | {stage1} |")
     lines += ["", "Inputs (cluster model, profile, measured costs) are in scale.json; assumptions in "]
     lines += ["`dni_dist/bench/scale_sim.py`.", ""]
     return "\n".join(lines)

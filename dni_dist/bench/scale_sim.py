@@ -39,8 +39,12 @@ Methods (``steps`` batches each; a step is done when its last task is):
   the ring's slowest link, either after the backward or overlapped with it (then only
   the part longer than the backward shows). Gradient bytes = parameter bytes.
 
+Memory is modelled for dni only, and only as the runtime bounds it (``pending_memory``):
+stage 0's in-flight limit and, above stage 0, an activation held while a stage's waiting
+steps fill the budget (``StageCosts.pending_bytes`` each).
+
 Not modelled: bounded transport queues (stage 0's cap bounds the work in flight anyway),
-memory limits, micro-batch efficiency (GPipe and 1F1B micro-batches are whole batches, so
+other methods' memory, micro-batch efficiency (GPipe and 1F1B micro-batches are whole batches, so
 each costs what a measured batch costs), the optimiser step saved by accumulating M
 micro-batches, direct-error methods (DFA, Kickback), and per-message CPU cost on the
 sending or receiving device (it is part of the measured link latency instead).
@@ -195,11 +199,21 @@ class _Engine:
 
 # ------------------------------------------------------------ stage-loop methods
 def _stage_loop(
-    costs: list[StageCosts], links: list[Link], speed: float, steps: int, unlocked: bool, cap: int, mode: str = "true"
+    costs: list[StageCosts],
+    links: list[Link],
+    speed: float,
+    steps: int,
+    unlocked: bool,
+    cap: int,
+    mode: str = "true",
+    holds: list[int | None] | None = None,
 ) -> _Engine:
     """backprop (locked, one step in flight) and dni (unlocked, ``cap`` steps in flight,
-    SG targets of ``mode``)."""
+    SG targets of ``mode``; stage k > 0 holds an activation while ``holds[k]`` of its steps
+    wait for targets: the memory budget, as the stage loop does)."""
     k_top = len(costs) - 1
+    holds = holds or [None] * len(costs)
+    waiting = [0] * len(costs)  # steps awaiting their target at each stage above 0
     pass_down = mode != "bootstrap"  # true and lambda targets travel on down to stage 0
     bootstraps = unlocked and mode != "true"  # stages above 0 send their input gradient at once
     inbox: list[deque[tuple[str, int]]] = [deque() for _ in costs]
@@ -240,6 +254,7 @@ def _stage_loop(
         c = costs[k]
 
         def tgt_done() -> None:
+            waiting[k] -= k > 0 and unlocked
             if k > 0 and (pass_down or not unlocked):
                 eng.send(k, k - 1, costs[k - 1].grad_bytes, lambda: inbox[k - 1].append(("grad", s)))
             elif k == 0:
@@ -260,10 +275,19 @@ def _stage_loop(
                 state["pending"] += k_top > 0
                 return forward(0, s)
             return None
-        if not inbox[k]:
+        i = _next_allowed(k)
+        if i is None:
             return None
-        kind, s = inbox[k].popleft()
+        kind, s = inbox[k][i]
+        del inbox[k][i]
+        if kind == "act" and unlocked and k < k_top:
+            waiting[k] += 1
         return forward(k, s) if kind == "act" else target(k, s)
+
+    def _next_allowed(k: int) -> int | None:
+        """The inbox's first message, or with the budget full its first target."""
+        full = holds[k] is not None and waiting[k] >= holds[k]
+        return next((i for i, (kind, _) in enumerate(inbox[k]) if not (full and kind == "act")), None)
 
     eng = _Engine(len(costs), links, pick)
     return eng
@@ -374,7 +398,10 @@ def simulate(
     if method in ("backprop", "dni"):
         unlocked = method == "dni"
         cap = dni_in_flight(costs, target_mode, max_in_flight, pending_memory)[0] if unlocked else 1
-        eng = _stage_loop(costs, links, profile.speed, steps, unlocked, cap, target_mode)
+        holds = [
+            max(1, pending_memory // c.pending_bytes) if pending_memory and c.pending_bytes else None for c in costs
+        ]
+        eng = _stage_loop(costs, links, profile.speed, steps, unlocked, cap, target_mode, holds)
     else:
         flush = method == "gpipe"
         if flush:

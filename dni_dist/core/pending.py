@@ -24,10 +24,12 @@ if TYPE_CHECKING:  # type hints only: stage.py is the module above this one in c
 AUTO = 0  # dist.max_in_flight / dist.pending_memory: derive the value
 # dist.pending_memory=0 on a CPU: stages of a local run share the host's memory.
 CPU_PENDING_MEMORY = 1 << 30
-# ... on a GPU: a quarter of the device, leaving the rest to weights, optimiser state and
-# the step being computed. A fixed 1 GiB would cap a K=8 transformer-sized pipeline at 8 in
-# flight (128 MiB of activations per step at stage 0) when it needs 16.
-GPU_PENDING_FRACTION = 0.25
+# ... on a GPU: half the device. Weights, optimiser state and the step being computed fit in
+# the rest with room to spare (about 13 GB at stage 1 of the scale model's K=8 cluster model,
+# whose waiting steps hold 6.8 GB each: graph and stashed weights). A quarter would hold
+# that stage to 5 waiting steps where it needs about 9 (6.2x one device instead of 7.9x); a
+# fixed 1 GiB would strangle any transformer-sized pipeline.
+GPU_PENDING_FRACTION = 0.5
 
 
 def target_hops(num_stages: int, target_mode: str) -> int:
