@@ -83,7 +83,7 @@ class DistConfig:
     capacity: int = 4
     # Steps stage 0 may have waiting for targets (unlocked methods; locked ones keep one step
     # or one GPipe group). 0 = what the pipeline needs, about a target's round trip to stage 0:
-    # K+1 for true and lambda targets, 3 for bootstrap ones (core/pending.py derives it), capped
+    # K for true and lambda targets, 2 for bootstrap ones (core/pending.py derives it), capped
     # by pending_memory. A fixed small value throttles deep pipelines (2 caps the scale model
     # near 2.8x one device at any K); a larger one makes SG targets staler (benchmarks/RESULTS.md).
     max_in_flight: int = 0

@@ -348,7 +348,7 @@ def _markdown(result: dict[str, Any]) -> str:
         lines += ["", f"DNI default at K=8 >= 7.2x one device: {checks['dni_default_k8_at_least_7.2x']}; "]
         lines[-1] += f"ahead of 1F1B: {checks['dni_default_k8_ahead_of_1f1b']}; "
         lines[-1] += f"with max_in_flight=2K >= 7.2x: {checks['dni_k8_at_least_7.2x']}"
-    lines += ["", "Default in-flight limit at stage 0 (K+1 for true and lambda targets, 3 for bootstrap), and"]
+    lines += ["", "Default in-flight limit at stage 0 (K for true and lambda targets, 2 for bootstrap), and"]
     lines += ["stage 1 with true targets: bytes per waiting step, waiting steps its budget allows:", ""]
     lines += ["| K | true | bootstrap | lambda | stage 1 (true) |", "|---|---|---|---|---|"]
     for k in ks:

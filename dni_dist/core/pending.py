@@ -41,7 +41,7 @@ def target_hops(num_stages: int, target_mode: str) -> int:
 
 
 def auto_in_flight(num_stages: int, target_mode: str) -> int:
-    """Steps stage 0 needs in flight to never wait for a target, in steady state: d + 2.
+    """Steps stage 0 needs in flight to never wait for a target, in steady state: d + 1.
 
     Let P be the pipeline's period (the busiest stage's time per step: forward F, SG update
     U and target handling G, each about one pass through the segment, so about P/3) and
@@ -49,17 +49,17 @@ def auto_in_flight(num_stages: int, target_mode: str) -> int:
     way up each of the d stages forwards it (F); on the way down each hands the gradient on
     (G, through the stashed weights; a bootstrap target leaves stage 1 right after its
     update). Each arrival may wait behind the task in progress: half a task, P/6, on
-    average. So a hop up and back costs about F + G + 2 x P/6 = P: the round trip is about d
-    periods, plus stage 0's own step and the far end's (the top's forward and backward, or
-    stage 1's update), d + 2 steps in all keep stage 0 feeding one step per period: K + 1
-    for true and lambda targets (lambda waits for the true part too), 3 for bootstrap
-    targets whatever K. The naive count, a period per hop (2K), adds no speed (the scale
-    model saturates at K for true targets) but doubles the targets' staleness: a step
-    beyond the need only waits in a queue.
+    average. So a hop up and back costs about F + G + 2 x P/6 = P, and the round trip,
+    stage 0's own forward and target handling included, about (d + 1) P: d + 1 steps keep
+    stage 0 feeding one per period. That is K for true and lambda targets (lambda waits for
+    the true part too) and 2 for bootstrap targets whatever K; the scale model saturates
+    exactly there. The naive count, a period per hop (2K), adds no speed but doubles the
+    targets' staleness: a step beyond the need only waits in a queue, and on digits each
+    step of target delay beyond 1 costs accuracy (benchmarks/RESULTS.md). Slow links
+    lengthen the round trip by 2d latencies, which this does not know: raise it by hand.
     One stage has nothing to wait for: 1.
     """
-    hops = target_hops(num_stages, target_mode)
-    return hops + 2 if hops else 1
+    return target_hops(num_stages, target_mode) + 1
 
 
 def in_flight_limit(
