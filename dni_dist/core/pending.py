@@ -27,7 +27,7 @@ CPU_PENDING_MEMORY = 1 << 30
 # ... on a GPU: half the device. Weights, optimiser state and the step being computed fit in
 # the rest with room to spare (about 13 GB at stage 1 of the scale model's K=8 cluster model,
 # whose waiting steps hold 6.8 GB each: graph and stashed weights). A quarter would hold
-# that stage to 5 waiting steps where it needs about 9 (6.2x one device instead of 7.9x); a
+# that stage to 5 waiting steps where it needs about 8 (6.2x one device instead of 7.9x); a
 # fixed 1 GiB would strangle any transformer-sized pipeline.
 GPU_PENDING_FRACTION = 0.5
 
