@@ -122,7 +122,7 @@ class PendingMeter:
 
 def _step_bytes(stage: Stage, step: int, saved: list[torch.Tensor]) -> int:
     kept = stage.pending_tensors(step)
-    if not kept:  # evicted at once (a window of 0) or poisoned: nothing to measure
+    if not kept:  # not pending (the top; a step evicted at once): it holds nothing
         return 0
     tensors = kept + (saved if stage.keeps_graph else [])
     live = {_storage(t) for t in (*stage.module.parameters(), *stage.module.buffers())}

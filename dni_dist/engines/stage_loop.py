@@ -3,9 +3,11 @@
 ``async`` is the unlocked schedule of DESIGN.md: stage 0 feeds a new batch whenever it
 may (an ``sg`` stage as long as fewer than its in-flight limit of steps wait for targets:
 ``max_in_flight``, or with 0 what the pipeline needs within ``pending_memory`` bytes, see
-core/pending.py; a locked stage only when nothing is pending), every stage forwards and sends up at once, updates
-from its SG, and trains its SG whenever a target arrives. Memory stays bounded: the
-transport's queues are bounded and block the sender, and pending steps are capped.
+core/pending.py; a locked stage only when nothing is pending), every stage forwards and
+sends up at once, updates from its SG, and trains its SG whenever a target arrives.
+Memory stays bounded: the transport's queues are bounded and block the sender, pending
+steps are capped at stage 0, and a stage above holds its next input while its waiting
+steps fill ``pending_memory``.
 With ``micro_batches`` M > 1 (pipelined backprop, GPipe), a locked stage also takes inputs
 of the group of M steps it is working on (no update comes between them), never one of the
 next group before the group's update: stage 0 feeds a group's M steps, then drains.
