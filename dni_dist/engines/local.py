@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from dni_dist.core.messages import Kind, Message
+from dni_dist.core.pending import PendingMeter
 from dni_dist.core.stage import Stage
 
 
@@ -23,6 +24,8 @@ class LocalEngine:
             raise ValueError("the local engine needs every stage, in order")
         self.stages = stages
         self.step = 0
+        # What a waiting step holds, per stage (summary.json); lockstep needs no in-flight limit.
+        self.meters = [PendingMeter() for _ in stages]
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One lockstep step; returns the top stage's loss for this batch."""
@@ -40,9 +43,9 @@ class LocalEngine:
                 queue.extend(stage.on_message(msg))
         return self.stages[-1].take_losses()[-1]
 
-    @staticmethod
-    def _input(stage: Stage, step: int, x: torch.Tensor, y: torch.Tensor, queue: deque[Message]) -> None:
-        queue.extend(stage.forward(step, x, y))  # send up first: the update does not hold it back
+    def _input(self, stage: Stage, step: int, x: torch.Tensor, y: torch.Tensor, queue: deque[Message]) -> None:
+        # send up first: the update does not hold it back
+        queue.extend(self.meters[stage.index].forward(stage, step, x, y))
         queue.extend(stage.update(step))
 
     def train(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
