@@ -93,11 +93,16 @@ class DistConfig:
     cpus_per_stage: float | None = None
     timeout: float = 300.0
     capacity: int = 4
-    # Steps stage 0 may have waiting for targets (unlocked methods). More lets deep pipelines
-    # run fuller but makes SG targets staler: on digits a 4-step target delay costs about 10
-    # points of accuracy, 8 steps diverge (see benchmarks/RESULTS.md). 2 keeps two stages
-    # working at once with targets at most about one step old.
-    max_in_flight: int = 2
+    # Steps stage 0 may have waiting for targets (unlocked methods; locked ones keep one step
+    # or one GPipe group). 0 = what the pipeline needs, about a target's round trip to stage 0:
+    # K for true and lambda targets, 2 for bootstrap ones (core/pending.py derives it), capped
+    # by pending_memory. A fixed small value throttles deep pipelines (2 caps the scale model
+    # near 2.8x one device at any K); a larger one makes SG targets staler (benchmarks/RESULTS.md).
+    max_in_flight: int = 0
+    # Bytes the waiting steps of each unlocked stage may hold (a step's size is measured on the
+    # first step): 0 = half the GPU's memory, or 1 GiB on a CPU. At stage 0 it bounds the
+    # automatic in-flight limit; a stage above holds its next input while its budget is full.
+    pending_memory: int = 0
     # gRPC transport: address to listen on (loopback unless told otherwise) and chunk size.
     grpc_bind: str = "127.0.0.1"
     chunk_bytes: int = 1 << 20
@@ -229,7 +234,8 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "dist.cpus_per_stage": (0.01, 1024.0),
     "dist.timeout": (1.0, _MAX_WAIT),
     "dist.capacity": (1, 4096),
-    "dist.max_in_flight": (1, 4096),
+    "dist.max_in_flight": (0, 4096),
+    "dist.pending_memory": (0, 1 << 50),
     "dist.chunk_bytes": (1024, 1 << 30),
     "dist.slow_stage": (-1, 64),
     "dist.slow_seconds": (0.0, 60.0),

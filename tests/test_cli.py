@@ -85,6 +85,11 @@ def test_yaml_config_then_flags_override(tmp_path) -> None:
         (["--runtime", "ray", "--set", "sg.delay=4"], "sg.delay=4"),
         (["--method", "fdg", "--set", "fdg_shrink=0"], "fdg_shrink=0"),
         (["--method", "fdg", "--set", "fdg_shrink=1.5"], "fdg_shrink=1.5"),
+        (["--set", "dist.max_in_flight=-1"], "dist.max_in_flight=-1"),
+        (["--set", "dist.max_in_flight=auto"], "dist.max_in_flight='auto'"),
+        (["--set", "dist.pending_memory=-5"], "dist.pending_memory=-5"),
+        (["--set", "dist.pending_memory=1.5"], "dist.pending_memory=1.5"),
+        (["--set", "dist.pending_memory=2000000000000000"], "dist.pending_memory=2000000000000000"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_value_with_exit_2(args: list[str], named: str, capsys, tmp_path) -> None:

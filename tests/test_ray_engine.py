@@ -116,7 +116,7 @@ def test_a_slowed_stage_keeps_the_other_flat_and_every_step_runs_once(tmp_path) 
         run.close()
     steps = cfg.epochs * (1347 // 64)
     fast = [epoch[0] for epoch in run.epoch_reports]
-    assert max(r["max_pending"] for r in fast) <= cfg.dist.max_in_flight
+    assert max(r["max_pending"] for r in fast) <= summaries[0]["in_flight_limit"] == 2  # auto at K=2: K
     assert max(r["max_queued"] for r in fast) <= 2 * cfg.dist.capacity + 1
     # memory of the fast stage stays flat while it waits on the slow one (after warm-up)
     assert fast[-1]["rss_bytes"] - fast[1]["rss_bytes"] < 16 * 2**20
@@ -150,3 +150,24 @@ def test_nccl_without_a_gpu_per_stage_is_a_one_line_config_error() -> None:
     with pytest.raises(ConfigError, match="transport=nccl needs one GPU per stage"):
         RayRun(cfg, load_data(cfg))
     assert _wait_for(lambda: ray.available_resources().get("CPU") == 2, seconds=20)
+
+
+def test_summary_reports_the_in_flight_limit_and_pending_memory(tmp_path) -> None:
+    summary = train(config(*RAY, "segments=3", "epochs=1", f"out={tmp_path}"))
+    low, mid, top = summary["stages"]
+    assert (low["in_flight_limit"], low["in_flight_bound"]) == (3, "pipeline")  # K, true targets
+    assert mid["in_flight_limit"] is None and top["in_flight_limit"] is None  # only stage 0 feeds
+    assert mid["pending_step_limit"] == (1 << 30) // mid["pending_step_bytes"]  # 1 GiB on a CPU
+    assert 1 <= low["peak_pending_steps"] <= 3 and 1 <= mid["peak_pending_steps"] <= 3
+    assert low["pending_step_bytes"] == 64 * (64 + 256 + 10) * 4  # digits input, activation, context
+    assert mid["pending_step_bytes"] > low["pending_step_bytes"]  # its graph and stashed weights
+    for s in (low, mid):
+        assert s["peak_pending_bytes"] == s["peak_pending_steps"] * s["pending_step_bytes"]
+    assert top["peak_pending_steps"] == top["pending_step_bytes"] == 0
+
+
+def test_a_memory_budget_lowers_the_in_flight_limit(tmp_path) -> None:
+    summary = train(config(*RAY, "segments=3", "epochs=1", "dist.pending_memory=200000", f"out={tmp_path}"))
+    low = summary["stages"][0]
+    assert (low["in_flight_limit"], low["in_flight_bound"]) == (200000 // low["pending_step_bytes"], "memory")
+    assert low["peak_pending_steps"] <= low["in_flight_limit"]

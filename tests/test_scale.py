@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -13,10 +14,12 @@ from dni_dist.bench.scale_sim import (
     Profile,
     StageCosts,
     ddp_samples_per_second,
+    dni_in_flight,
     ring_allreduce_s,
     simulate,
     steady_samples_per_second,
 )
+from dni_dist.core.pending import auto_in_flight
 
 # One segment of a model of K equal segments: forward 1 s, backward 2 s per batch.
 SEG = StageCosts(forward_s=1.0, backward_s=2.0, sg_s=1.2, sg_train_s=1.1, activation_bytes=1000, grad_bytes=1000)
@@ -57,6 +60,55 @@ def test_gpipe_bubble_is_k_minus_1_over_m_plus_k_minus_1(k, m):
     assert bubble == pytest.approx((k - 1) / (m + k - 1), abs=1e-9)
 
 
+@pytest.mark.parametrize("k", [2, 4, 8])
+@pytest.mark.parametrize("mode", ["true", "bootstrap", "lambda"])
+def test_the_default_in_flight_limit_runs_at_full_speed(k, mode):
+    def rate(cap: int) -> float:
+        return steady_samples_per_second("dni", [SEG] * k, BATCH, 60, max_in_flight=cap, target_mode=mode)
+
+    assert dni_in_flight([SEG] * k, mode) == (auto_in_flight(k, mode), "pipeline")
+    assert rate(0) == pytest.approx(rate(10_000), rel=1e-6)  # 0: the runtime's default
+
+
+def test_bootstrap_targets_need_one_hop_not_the_whole_pipeline():
+    def rate(mode: str, cap: int) -> float:
+        return steady_samples_per_second("dni", [SEG] * 8, BATCH, 60, max_in_flight=cap, target_mode=mode)
+
+    assert rate("bootstrap", 2) > 2 * rate("true", 2)  # the round trip is stage 1's, not the top's
+    assert rate("bootstrap", 2) == pytest.approx(rate("bootstrap", 10_000), rel=1e-6)
+    # lambda waits for the true part: with free links and equal costs it paces like true
+    assert rate("lambda", 2) == pytest.approx(rate("true", 2), rel=1e-6)
+
+
+def test_the_memory_budget_bounds_the_default_limit():
+    costs = [dataclasses.replace(SEG, pending_bytes=1000)] * 8
+    assert dni_in_flight(costs, "true", pending_memory=2500) == (2, "memory")
+    assert dni_in_flight(costs, "true", max_in_flight=7, pending_memory=2500) == (7, "explicit")
+    bounded = steady_samples_per_second("dni", costs, BATCH, 60, pending_memory=2500)
+    assert bounded == pytest.approx(steady_samples_per_second("dni", costs, BATCH, 60, max_in_flight=2))
+
+
+def test_a_stage_above_0_holds_its_input_while_its_budget_is_full():
+    heavy = dataclasses.replace(SEG, pending_bytes=1000)  # stage 1 keeps a graph, the others little
+    light = dataclasses.replace(SEG, pending_bytes=10)
+    costs = [light, heavy, light, light]
+    free = steady_samples_per_second("dni", costs, BATCH, 60)
+    assert steady_samples_per_second("dni", costs, BATCH, 60, pending_memory=10**6) == pytest.approx(free)
+    held = steady_samples_per_second("dni", costs, BATCH, 60, pending_memory=1000)  # stage 1: one step
+    assert dni_in_flight(costs, "true", pending_memory=1000) == (4, "pipeline")  # stage 0 is not bound
+    assert held < 0.8 * free
+
+
+def test_cluster_costs_per_target_mode():
+    model = scale.ClusterModel()
+    true, boot, lam = (model.costs(4, m) for m in ("true", "bootstrap", "lambda"))
+    assert boot[1].sg_train_s < true[1].sg_train_s == lam[1].sg_train_s  # bootstrap passes nothing down
+    assert true[1].sg_s < boot[1].sg_s == lam[1].sg_s  # bootstrap and lambda compute dX in the update
+    assert boot[1].dni_forward < true[1].dni_forward  # no weight stashing
+    # stage 0 keeps x and h; stage 1 with true targets also its graph and the stashed weights
+    assert true[0].pending_bytes == boot[1].pending_bytes == 2 * true[0].activation_bytes < true[1].pending_bytes
+
+
 def test_1f1b_steady_state_has_no_bubble():
     assert steady_samples_per_second("1f1b", [SEG] * 4, BATCH, 40) == pytest.approx(4 * one_device(4), rel=1e-6)
 
@@ -75,8 +127,6 @@ def test_ddp_with_free_links_is_k_times_and_ring_formula():
 
 
 def dataclass_with_params(costs: StageCosts, param_bytes: int) -> StageCosts:
-    import dataclasses
-
     return dataclasses.replace(costs, param_bytes=param_bytes)
 
 
@@ -124,6 +174,11 @@ def test_quick_run_writes_well_formed_outputs(tmp_path, monkeypatch):
             assert math.isfinite(speedup) and 0 < speedup <= int(k) * 1.01
     assert data["predictions"]["ddp"]["8"]["speedup"] == pytest.approx(8, rel=0.05)
     assert isinstance(data["checks"]["dni_k8_at_least_7.2x"], bool)
+    assert data["checks"]["dni_default_k8_at_least_7.2x"] is True  # the issue's target, default config
+    assert isinstance(data["checks"]["dni_default_k8_ahead_of_1f1b"], bool)
+    assert data["predictions"]["dni"]["8"]["speedup"] > 2 * data["predictions"]["dni_inflight2"]["8"]["speedup"]
+    limits = data["dni_default_in_flight"]["8"]
+    assert [limits[m]["in_flight_limit"] for m in ("true", "bootstrap", "lambda")] == [8, 2, 8]
     assert data["validation_inputs"]["link_measurement"] == {"assumed": True}
     assert "| K | method | predicted |" in (tmp_path / "scale.md").read_text()
     assert (tmp_path / "scale.png").stat().st_size > 1000

@@ -61,5 +61,5 @@ def test_ten_thousand_steps_with_a_slow_jittery_stage_lose_nothing_and_stay_flat
         assert s["sg_updates"] == steps  # one target per step, none lost, none twice
     # the fast stages were held back by the bounded queues, not buffered without limit
     first = [epoch[0] for epoch in run.epoch_reports]
-    assert max(r["max_pending"] for r in first) <= cfg.dist.max_in_flight
+    assert max(r["max_pending"] for r in first) <= summaries[0]["in_flight_limit"]
     assert max(r["max_queued"] for r in first) <= 2 * cfg.dist.capacity + 1

@@ -30,7 +30,9 @@ def run_threaded(
         inbound, outbound = streams_of(stage.index, streams)
         transports.append(InProcessTransport(hub, stage.index, inbound, outbound))
     loops = [
-        StageLoop(s, t, schedule, 60, (slow or {}).get(s.index, 0.0), cfg.dist.max_in_flight)
+        StageLoop(
+            s, t, schedule, 60, (slow or {}).get(s.index, 0.0), cfg.dist.max_in_flight, 0.0, cfg.dist.pending_memory
+        )
         for s, t in zip(stages, transports, strict=True)
     ]
     reports: list[list[EpochReport]] = [[] for _ in stages]

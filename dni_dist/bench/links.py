@@ -4,7 +4,7 @@ Sweeps the one-way link latency (0, 1, 10, 50 ms; ``dist.link_latency``, optiona
 bandwidth cap ``dist.link_bandwidth``) for K segments on the Ray engine over gloo, and
 measures samples/s of
 
-- ``sg``: DNI, async, true targets, at the default ``dist.max_in_flight`` (2);
+- ``sg``: DNI, async, true targets, at the default ``dist.max_in_flight`` (automatic: K);
 - ``sg-inflight8``: the same with ``dist.max_in_flight=8`` (targets up to ~8 steps stale);
 - ``gpipe-m4``: pipelined backprop in our stage loop, ``dist.micro_batches=4``;
 - ``backprop``: naive model-parallel backprop (one step in flight).
@@ -43,8 +43,9 @@ RETAINED_AT = 0.01  # retained throughput: samples/s at 10 ms over samples/s at 
 NOTE = (
     "DNI's throughput under latency depends on dist.max_in_flight (steps stage 0 may have "
     "waiting for SG targets): a target needs a round trip (2 x latency) plus the upper stages' "
-    "compute, so with 10 ms latency and a short step the default max_in_flight=2 can throttle "
-    "stage 0. sg is measured at the default and at max_in_flight=8 (sg-inflight8); the larger "
+    "compute, so with 10 ms latency and a short step the default (automatic, K steps, which "
+    "does not count link latency) can throttle stage 0. sg is measured at the default and at "
+    "max_in_flight=8 (sg-inflight8); the larger "
     "window buys throughput with staler targets, which costs accuracy (benchmarks/RESULTS.md, "
     "'What staleness costs'). gpipe-m4 is GPipe in our stage loop (dist.micro_batches=4, one "
     "optimiser step per 4 micro-batches); backprop is naive model parallelism."

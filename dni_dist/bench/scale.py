@@ -37,9 +37,11 @@ from dni_dist.bench.scale_sim import (
     Profile,
     StageCosts,
     ddp_samples_per_second,
+    dni_in_flight,
     simulate,
     steady_samples_per_second,
 )
+from dni_dist.core.pending import GPU_PENDING_FRACTION, auto_in_flight
 
 # The measured model: an MLP of 4 hidden layers of 1024 units on 64 inputs (the size of
 # digits' 8x8 images; artificial data so an epoch has many batches), batch 256.
@@ -72,8 +74,18 @@ class ClusterModel:
     hbm_Bps: float = 3.0e12  # achieved HBM bandwidth (H100 3.35 TB/s peak, H200 4.8)
     optimizer_bytes_per_param: int = 16  # Adam step: fp32 master, m, v, grad read/written
     sg_params: str = "linear d x d per token (the DNI paper's linear SG)"
+    # Values per token a block's graph saves for its backward, in units of d: the inputs of
+    # the attention's input and output projections (2) and of the MLP's up projection (1),
+    # the MLP's 4d hidden before and after its nonlinearity (8). Attention scores left out.
+    saved_per_block: int = 11
+    device_memory_bytes: int = 141 * 10**9  # H200 (an H100 has 80 GB)
 
-    def costs(self, stages: int) -> list[StageCosts]:
+    def pending_memory(self) -> int:
+        """dist.pending_memory's default on this GPU (core/pending.py)."""
+        return int(self.device_memory_bytes * GPU_PENDING_FRACTION)
+
+    def costs(self, stages: int, target_mode: str = "true") -> list[StageCosts]:
+        """Per-stage costs of DNI with ``target_mode`` SG targets (and of backprop)."""
         d, t = self.d_model, self.tokens_per_batch
         params = 12 * d * d * self.blocks / stages
         matmul = 2 * params * t / self.achieved_flops  # one pass: forward, dW or dX each
@@ -82,19 +94,28 @@ class ClusterModel:
         sg_pass = 2 * d * d * t / self.achieved_flops
         sg_optim = d * d * self.optimizer_bytes_per_param / self.hbm_Bps
         act = t * d * self.bytes_per_value
+        graph = self.saved_per_block * act * self.blocks // stages
         out = []
         for k in range(stages):
-            pass_down = matmul if k > 0 else 0.0  # the true gradient on down (dX)
+            true_part = k > 0 and target_mode != "bootstrap"  # passes the true gradient down (dX), stashes
+            sends_bootstrap = k > 0 and target_mode != "true"  # its input gradient (dX) right after the update
+            # A waiting step keeps x and h; a stashing stage also its graph and the weight copies,
+            # a lambda stage the bootstrap target until the true one comes.
+            held = 2 * act + (graph + int(params * self.bytes_per_value) if true_part else 0)
+            held += act if sends_bootstrap and true_part else 0
             out.append(
                 StageCosts(
                     forward_s=matmul,
                     backward_s=2 * matmul + optim,  # dW + dX + Adam
-                    sg_s=sg_pass + matmul + optim,  # SG forward, dW through the segment, Adam
-                    sg_train_s=2 * sg_pass + sg_optim + pass_down,  # SG forward + its dW, Adam
+                    # SG forward, dW through the segment (and dX for a bootstrap target), Adam
+                    sg_s=sg_pass + matmul + optim + (matmul if sends_bootstrap else 0.0),
+                    # SG forward + its dW, Adam (and the true gradient on down)
+                    sg_train_s=2 * sg_pass + sg_optim + (matmul if true_part else 0.0),
                     activation_bytes=act,
                     grad_bytes=act,
                     param_bytes=int(params * self.bytes_per_value),
-                    dni_forward_s=matmul + stash,
+                    dni_forward_s=matmul + (stash if true_part else 0.0),
+                    pending_bytes=held,
                 )
             )
         return out
@@ -185,16 +206,14 @@ def validate(
         if link is None and k > 1:
             link, link_raw = (ASSUMED_LOOPBACK, {"assumed": True}) if quick else measure_link(costs[0].activation_bytes)
         profile = Profile(name="this machine (gloo on loopback)", intra=link or Link(), inter=link or Link())
-        predicted = simulate(sim_method, costs, batch, steps, profile, max_in_flight=2).samples_per_second
+        predicted = simulate(sim_method, costs, batch, steps, profile).samples_per_second  # the default limit
         row: dict[str, Any] = {"segments": k, "method": method, "predicted": predicted, "measured": None, "error": None}
         if not quick:
             summary = _train_ray([*model, f"segments={k}", f"method={method}"], epochs)
             measured = row["measured"] = float(summary["samples_per_second"])
             row["error"] = (predicted - measured) / measured
             in_run = rescale_to_run(costs, summary["stages"], unlocked=sim_method == "dni")
-            row["predicted_in_run_costs"] = simulate(
-                sim_method, in_run, batch, steps, profile, max_in_flight=2
-            ).samples_per_second
+            row["predicted_in_run_costs"] = simulate(sim_method, in_run, batch, steps, profile).samples_per_second
             row["error_in_run_costs"] = (row["predicted_in_run_costs"] - measured) / measured
             row["in_run_compute_per_step_s"] = [st["compute_seconds"] / st["steps"] for st in summary["stages"]]
         rows.append(row)
@@ -204,7 +223,7 @@ def validate(
         "steps_per_epoch": steps,
         "epochs_measured": None if quick else epochs,
         "torch_threads": 1,
-        "max_in_flight": 2,
+        "max_in_flight": auto_in_flight(2, "true"),  # the default (0 = auto) at K=2, true targets
         "costs_per_case": [[dataclasses.asdict(c) for c in v] for v in case_costs],
         # JSON has no infinity: an unresolved bandwidth is written as null
         "link": _link_json(link),
@@ -227,14 +246,26 @@ def predict_cluster(segments: list[int], model: ClusterModel, profile: Profile) 
     """samples/s and speed-up over one device for each method and K."""
     batch = model.sequences_per_batch
     methods: dict[str, dict[str, Any]] = {}
+    budget = model.pending_memory()
     for k in segments:
         costs = model.costs(k)
         whole = sum(c.forward_s + c.backward_s for c in costs)  # the same work on one device
         one = batch / whole
 
         steps = 4 * k + 32  # enough to reach the steady state; the fill cancels out
+
+        def default(mode: str, k: int = k, steps: int = steps) -> float:
+            """DNI as configured by default (dist.max_in_flight=0, dist.pending_memory=0)."""
+            c = model.costs(k, mode)
+            return steady_samples_per_second(
+                "dni", c, batch, steps, profile=profile, target_mode=mode, pending_memory=budget
+            )
+
         runs = {
             "backprop": steady_samples_per_second("backprop", costs, batch, steps, profile=profile),
+            "dni": default("true"),
+            "dni_bootstrap": default("bootstrap"),
+            "dni_lambda": default("lambda"),
             "dni_inflight2": steady_samples_per_second("dni", costs, batch, steps, profile=profile, max_in_flight=2),
             "dni_inflight2K": steady_samples_per_second(
                 "dni", costs, batch, steps, profile=profile, max_in_flight=2 * k
@@ -249,10 +280,34 @@ def predict_cluster(segments: list[int], model: ClusterModel, profile: Profile) 
     return methods
 
 
+def default_in_flight(segments: list[int], model: ClusterModel) -> dict[str, Any]:
+    """Per K and target mode: stage 0's default in-flight limit (and what set it), what a
+    waiting step holds at stages 0 and 1, and how many waiting steps the budget lets stage 1
+    keep (it holds its next input beyond that)."""
+    out: dict[str, Any] = {}
+    budget = model.pending_memory()
+    for k in segments:
+        for mode in ("true", "bootstrap", "lambda"):
+            costs = model.costs(k, mode)
+            limit, bound = dni_in_flight(costs, mode, pending_memory=budget)
+            above = costs[1].pending_bytes if k > 2 else 0
+            out.setdefault(str(k), {})[mode] = {
+                "in_flight_limit": limit,
+                "in_flight_bound": bound,
+                "pending_memory": budget,
+                "pending_step_bytes": [costs[0].pending_bytes, above],
+                "stage1_pending_step_limit": budget // above if above else None,
+            }
+    return out
+
+
 METHOD_LABELS = {
+    "dni": "DNI default (sg, true targets, max_in_flight auto)",
+    "dni_bootstrap": "DNI default, sg.target=bootstrap",
+    "dni_lambda": "DNI default, sg.target=lambda",
     "backprop": "naive model-parallel backprop",
-    "dni_inflight2": "DNI (sg, max_in_flight=2)",
-    "dni_inflight2K": "DNI (sg, max_in_flight=2K)",
+    "dni_inflight2": "DNI (sg, max_in_flight=2, memory not bounded)",
+    "dni_inflight2K": "DNI (sg, max_in_flight=2K, memory not bounded)",
     "gpipe_M4K": "GPipe (M=4K micro-batches, flush)",
     "1f1b": "1F1B steady state (K in flight)",
     "ddp": "DDP (ring allreduce, overlapped)",
@@ -288,8 +343,21 @@ def _markdown(result: dict[str, Any]) -> str:
     for name, label in METHOD_LABELS.items():
         cells = " | ".join(f"{result['predictions'][name][str(k)]['speedup']:.2f}x" for k in ks)
         lines.append(f"| {label} | {cells} |")
-    if "8" in result["predictions"]["dni_inflight2K"]:
-        lines += ["", f"DNI at K=8 >= 7.2x one device: {result['checks']['dni_k8_at_least_7.2x']}"]
+    if "8" in result["predictions"]["dni"]:
+        checks = result["checks"]
+        lines += ["", f"DNI default at K=8 >= 7.2x one device: {checks['dni_default_k8_at_least_7.2x']}; "]
+        lines[-1] += f"ahead of 1F1B: {checks['dni_default_k8_ahead_of_1f1b']}; "
+        lines[-1] += f"with max_in_flight=2K >= 7.2x: {checks['dni_k8_at_least_7.2x']}"
+    lines += ["", "Default in-flight limit at stage 0 (K for true and lambda targets, 2 for bootstrap), and"]
+    lines += ["stage 1 with true targets: bytes per waiting step, waiting steps its budget allows:", ""]
+    lines += ["| K | true | bootstrap | lambda | stage 1 (true) |", "|---|---|---|---|---|"]
+    for k in ks:
+        row = result["dni_default_in_flight"][str(k)]
+        cells = " | ".join(f"{row[m]['in_flight_limit']} ({row[m]['in_flight_bound']})" for m in row)
+        one = row["true"]
+        stage1 = "-" if one["stage1_pending_step_limit"] is None else f"{one['pending_step_bytes'][1] / 1e9:.1f} GB, "
+        stage1 += "" if one["stage1_pending_step_limit"] is None else str(one["stage1_pending_step_limit"])
+        lines.append(f"| {k} | {cells} | {stage1} |")
     lines += ["", "Inputs (cluster model, profile, measured costs) are in scale.json; assumptions in "]
     lines += ["`dni_dist/bench/scale_sim.py`.", ""]
     return "\n".join(lines)
@@ -344,10 +412,14 @@ def run(out: Path, quick: bool, segments: list[int]) -> dict[str, Any]:
         "profile": dataclasses.asdict(profile),
         "methods": METHOD_LABELS,
         "predictions": predictions,
+        "dni_default_in_flight": default_in_flight(segments, model),
         "checks": {},
     }
     if 8 in segments:
-        result["checks"]["dni_k8_at_least_7.2x"] = predictions["dni_inflight2K"]["8"]["speedup"] >= 7.2
+        at8 = {name: rates["8"]["speedup"] for name, rates in predictions.items()}
+        result["checks"]["dni_k8_at_least_7.2x"] = at8["dni_inflight2K"] >= 7.2
+        result["checks"]["dni_default_k8_at_least_7.2x"] = at8["dni"] >= 7.2
+        result["checks"]["dni_default_k8_ahead_of_1f1b"] = at8["dni"] > at8["1f1b"]
     for key, check in (("error", "validation_within_15pct"), ("error_in_run_costs", "validation_in_run_within_15pct")):
         errors = [abs(r[key]) for r in validation if r.get(key) is not None]
         if errors:

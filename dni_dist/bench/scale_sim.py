@@ -12,13 +12,20 @@ Methods (``steps`` batches each; a step is done when its last task is):
 
 - ``backprop`` (naive model parallel): stage 0 feeds a batch only when the previous one
   finished its backward everywhere, so forward up, backward down, strictly one at a time.
-- ``dni`` (``sg``, async schedule of ``engines/stage_loop.py``, true targets): stage k's
-  step is forward (with weight stashing), send up, then at once the SG update (SG forward
-  and its backprop through the segment); when the true gradient for an old step arrives
-  it trains its SG (and, above stage 0, passes that gradient on down through the stashed
-  weights). Stage 0 feeds a new batch while fewer than ``max_in_flight`` steps await
-  targets and serves arrived targets first; other stages serve arrivals in order (one
-  inbox). The top does forward + loss + backward and sends the true gradient down.
+- ``dni`` (``sg``, async schedule of ``engines/stage_loop.py``): stage k's step is
+  forward (with weight stashing for true and lambda targets), send up, then at once the
+  SG update (SG forward and its backprop through the segment). ``target_mode``:
+  ``true``: when the true gradient for an old step arrives, the stage trains its SG (and,
+  above stage 0, passes that gradient on down through the stashed weights).
+  ``bootstrap``: stage k > 0 sends its input gradient down right after its update; that
+  is stage k-1's whole target (SG training, nothing passed on), so stage 0's step is done
+  one hop up and back, without waiting for the top. ``lambda``: both: the bootstrap
+  target crosses the link (stored on arrival, no compute), the step completes when the
+  true gradient does, as with ``true``. Stage 0 feeds a new batch while fewer than its
+  in-flight limit of steps await targets (``max_in_flight``; 0: core/pending.py's
+  automatic limit, the runtime's default) and serves arrived targets first; other stages
+  serve arrivals in order (one inbox). The top does forward + loss + backward and sends
+  the true gradient down.
 - ``gpipe``: a mini-batch is M batches (micro-batches); all M forwards, then the M
   backwards in reverse order; stage 0 starts the next mini-batch only after its last
   backward (flush). With equal stages and free links the bubble is (K-1)/(M+K-1).
@@ -32,8 +39,12 @@ Methods (``steps`` batches each; a step is done when its last task is):
   the ring's slowest link, either after the backward or overlapped with it (then only
   the part longer than the backward shows). Gradient bytes = parameter bytes.
 
+Memory is modelled for dni only, and only as the runtime bounds it (``pending_memory``):
+stage 0's in-flight limit and, above stage 0, an activation held while a stage's waiting
+steps fill the budget (``StageCosts.pending_bytes`` each).
+
 Not modelled: bounded transport queues (stage 0's cap bounds the work in flight anyway),
-memory limits, micro-batch efficiency (GPipe and 1F1B micro-batches are whole batches, so
+other methods' memory, micro-batch efficiency (GPipe and 1F1B micro-batches are whole batches, so
 each costs what a measured batch costs), the optimiser step saved by accumulating M
 micro-batches, direct-error methods (DFA, Kickback), and per-message CPU cost on the
 sending or receiving device (it is part of the measured link latency instead).
@@ -46,6 +57,8 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from dni_dist.core.pending import AUTO, in_flight_limit
 
 METHODS = ("backprop", "dni", "gpipe", "1f1b", "ddp")
 
@@ -62,6 +75,8 @@ class StageCosts:
     the whole step (loss included) and the SG fields are unused.
     ``activation_bytes``: the message this stage sends up; ``grad_bytes``: the one it gets
     back down (the gradient w.r.t. its output); ``param_bytes``: its gradients' size.
+    ``pending_bytes``: what one step waiting for its target holds here (stage 0's bounds the
+    automatic in-flight limit, as ``core.pending.PendingMeter`` measures it in a run).
     """
 
     forward_s: float
@@ -72,6 +87,7 @@ class StageCosts:
     grad_bytes: int = 0
     param_bytes: int = 0
     dni_forward_s: float | None = None
+    pending_bytes: int = 0
 
     @property
     def dni_forward(self) -> float:
@@ -183,10 +199,23 @@ class _Engine:
 
 # ------------------------------------------------------------ stage-loop methods
 def _stage_loop(
-    costs: list[StageCosts], links: list[Link], speed: float, steps: int, unlocked: bool, cap: int
+    costs: list[StageCosts],
+    links: list[Link],
+    speed: float,
+    steps: int,
+    unlocked: bool,
+    cap: int,
+    mode: str = "true",
+    holds: list[int | None] | None = None,
 ) -> _Engine:
-    """backprop (locked, one step in flight) and dni (unlocked, ``cap`` steps in flight)."""
+    """backprop (locked, one step in flight) and dni (unlocked, ``cap`` steps in flight,
+    SG targets of ``mode``; stage k > 0 holds an activation while ``holds[k]`` of its steps
+    wait for targets: the memory budget, as the stage loop does)."""
     k_top = len(costs) - 1
+    holds = holds or [None] * len(costs)
+    waiting = [0] * len(costs)  # steps awaiting their target at each stage above 0
+    pass_down = mode != "bootstrap"  # true and lambda targets travel on down to stage 0
+    bootstraps = unlocked and mode != "true"  # stages above 0 send their input gradient at once
     inbox: list[deque[tuple[str, int]]] = [deque() for _ in costs]
     first: list[deque[Task]] = [deque() for _ in costs]  # the update that follows a forward
     state = {"fed": 0, "pending": 0}
@@ -207,17 +236,28 @@ def _stage_loop(
         def fwd_done() -> None:
             eng.send(k, k + 1, c.activation_bytes, lambda: inbox[k + 1].append(("act", s)))
             if unlocked:
-                first[k].append((c.sg_s / speed, lambda: None))
+                first[k].append((c.sg_s / speed, lambda: bootstrap(k, s)))
 
         return (c.dni_forward if unlocked else c.forward_s) / speed, fwd_done
+
+    def bootstrap(k: int, s: int) -> None:
+        """After stage k's update: its input gradient goes down as stage k-1's SG target."""
+        if not bootstraps or k == 0:
+            return
+        below = costs[k - 1].grad_bytes
+        if mode == "bootstrap":  # the whole target of stage k-1's step
+            eng.send(k, k - 1, below, lambda: inbox[k - 1].append(("grad", s)))
+        else:  # lambda: stored until the true gradient comes (no compute); it only takes the link
+            eng.send(k, k - 1, below, lambda: None)
 
     def target(k: int, s: int) -> Task:
         c = costs[k]
 
         def tgt_done() -> None:
-            if k > 0:
+            waiting[k] -= k > 0 and unlocked
+            if k > 0 and (pass_down or not unlocked):
                 eng.send(k, k - 1, costs[k - 1].grad_bytes, lambda: inbox[k - 1].append(("grad", s)))
-            else:
+            elif k == 0:
                 state["pending"] -= 1
                 eng.done()
 
@@ -235,10 +275,19 @@ def _stage_loop(
                 state["pending"] += k_top > 0
                 return forward(0, s)
             return None
-        if not inbox[k]:
+        i = _next_allowed(k)
+        if i is None:
             return None
-        kind, s = inbox[k].popleft()
+        kind, s = inbox[k][i]
+        del inbox[k][i]
+        if kind == "act" and unlocked and k < k_top:
+            waiting[k] += 1
         return forward(k, s) if kind == "act" else target(k, s)
+
+    def _next_allowed(k: int) -> int | None:
+        """The inbox's first message, or with the budget full its first target."""
+        full = holds[k] is not None and waiting[k] >= holds[k]
+        return next((i for i, (kind, _) in enumerate(inbox[k]) if not (full and kind == "act")), None)
 
     eng = _Engine(len(costs), links, pick)
     return eng
@@ -327,24 +376,32 @@ def simulate(
     batch: int,
     steps: int,
     profile: Profile | None = None,
-    max_in_flight: int = 2,
+    max_in_flight: int = AUTO,
     micro_batches: int = 4,
     in_flight: int | None = None,
+    target_mode: str = "true",
+    pending_memory: int = 0,
 ) -> SimResult:
     """Run ``steps`` batches of ``method`` over the stages ``costs`` (one per stage).
 
-    ``max_in_flight``: dni's cap at stage 0. ``micro_batches``: GPipe's M (``steps`` is
-    rounded up to whole mini-batches). ``in_flight``: 1F1B's cap (default K).
+    ``max_in_flight``: dni's cap at stage 0; 0 (the default) is the runtime's automatic
+    limit for ``target_mode``, bounded by ``pending_memory`` bytes (0: no bound) over stage
+    0's ``pending_bytes`` (see ``dni_in_flight``). ``micro_batches``: GPipe's M (``steps``
+    is rounded up to whole mini-batches). ``in_flight``: 1F1B's cap (default K).
     """
     if method not in METHODS or method == "ddp":
         raise ValueError(f"method {method!r} is not simulated; use one of backprop, dni, gpipe, 1f1b")
-    if not costs or steps < 1 or max_in_flight < 1 or micro_batches < 1:
-        raise ValueError("need at least one stage, one step, max_in_flight >= 1 and micro_batches >= 1")
+    if not costs or steps < 1 or max_in_flight < 0 or micro_batches < 1:
+        raise ValueError("need at least one stage, one step, max_in_flight >= 0 and micro_batches >= 1")
     profile = profile or Profile()
     links = [profile.cut_link(k) for k in range(len(costs) - 1)]
     if method in ("backprop", "dni"):
         unlocked = method == "dni"
-        eng = _stage_loop(costs, links, profile.speed, steps, unlocked, max_in_flight if unlocked else 1)
+        cap = dni_in_flight(costs, target_mode, max_in_flight, pending_memory)[0] if unlocked else 1
+        holds = [
+            max(1, pending_memory // c.pending_bytes) if pending_memory and c.pending_bytes else None for c in costs
+        ]
+        eng = _stage_loop(costs, links, profile.speed, steps, unlocked, cap, target_mode, holds)
     else:
         flush = method == "gpipe"
         if flush:
@@ -355,6 +412,14 @@ def simulate(
     if len(eng.finish) != steps:
         raise RuntimeError(f"{method}: {len(eng.finish)} of {steps} steps finished (a scheduling bug)")
     return SimResult(method, steps, batch, makespan, sorted(eng.finish))
+
+
+def dni_in_flight(
+    costs: list[StageCosts], target_mode: str = "true", max_in_flight: int = AUTO, pending_memory: int = 0
+) -> tuple[int, str]:
+    """(stage 0's in-flight limit, what set it), by the runtime's rule (core/pending.py)."""
+    budget = pending_memory or (1 << 62)  # 0: memory is not modelled
+    return in_flight_limit(max_in_flight, len(costs), target_mode, budget, costs[0].pending_bytes or None)
 
 
 def steady_samples_per_second(method: str, costs: list[StageCosts], batch: int, steps: int, **kwargs) -> float:

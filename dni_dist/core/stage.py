@@ -271,6 +271,20 @@ class Stage:
     def pending_steps(self) -> int:
         return len(self._pending)
 
+    def pending_tensors(self, step: int) -> list[torch.Tensor]:
+        """What pending ``step`` keeps besides its graph: input, activation, context, and the
+        stashed weights (for core.pending's memory measurement). Empty if it is not pending."""
+        pending = self._pending.get(step)
+        if pending is None:
+            return []
+        return [pending.x, pending.h, pending.context, *(pending.params if self._stash else [])]
+
+    @property
+    def keeps_graph(self) -> bool:
+        """Does a pending step keep its forward graph (saved tensors) until a target arrives?
+        Locked methods backprop the signal through it; stashing stages pass the true gradient."""
+        return not self.is_top and (self._stash or self.boundary.waits_for != "nothing")
+
     @property
     def down_source(self) -> int | None:
         """The stage whose messages this one waits for: the top for a direct error."""

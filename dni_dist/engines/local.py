@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch
 
 from dni_dist.core.messages import Kind, Message
+from dni_dist.core.pending import PendingMeter
 from dni_dist.core.stage import Stage
 
 
@@ -33,6 +34,8 @@ class LocalEngine:
         self.step = 0
         self.delay = delay
         self._held: deque[Message] = deque()  # targets waiting for their delivery step
+        # What a waiting step holds, per stage (summary.json); lockstep needs no in-flight limit.
+        self.meters = [PendingMeter() for _ in stages]
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One lockstep step; returns the top stage's loss for this batch."""
@@ -70,9 +73,9 @@ class LocalEngine:
         """Is ``msg`` a target an unlocked stage learns from later (not a locked stage's wait)?"""
         return msg.kind is not Kind.ACTIVATION and not stage.locked
 
-    @staticmethod
-    def _input(stage: Stage, step: int, x: torch.Tensor, y: torch.Tensor, queue: deque[Message]) -> None:
-        queue.extend(stage.forward(step, x, y))  # send up first: the update does not hold it back
+    def _input(self, stage: Stage, step: int, x: torch.Tensor, y: torch.Tensor, queue: deque[Message]) -> None:
+        # send up first: the update does not hold it back
+        queue.extend(self.meters[stage.index].forward(stage, step, x, y))
         queue.extend(stage.update(step))
 
     def train(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:

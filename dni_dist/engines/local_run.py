@@ -47,9 +47,18 @@ class LocalRun:
         return self.engine.predict(x)
 
     def stage_summaries(self) -> list[dict[str, Any]]:
+        # One step at a time: no in-flight limit applies (in_flight_limit is None).
         return [
-            {"stage": s.index, "parameters": sum(p.numel() for p in s.module.parameters()), **s.stats.summary()}
-            for s in self.engine.stages
+            {
+                "stage": s.index,
+                "parameters": sum(p.numel() for p in s.module.parameters()),
+                **s.stats.summary(),
+                "in_flight_limit": None,
+                "in_flight_bound": None,
+                "pending_step_limit": None,
+                **meter.summary(),
+            }
+            for s, meter in zip(self.engine.stages, self.engine.meters, strict=True)
         ]
 
     def snapshots(self) -> list[Snapshot]:

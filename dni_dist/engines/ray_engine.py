@@ -118,6 +118,7 @@ class StageWorker:
             cfg.dist.slow_seconds if slowed else 0.0,
             cfg.dist.max_in_flight,
             slow_jitter=cfg.dist.slow_jitter if slowed else 0.0,
+            pending_memory=cfg.dist.pending_memory,
         )
 
     def run_epoch(self, epoch: int, first_step: int, steps: int, offset: int = 0) -> dict[str, Any]:
@@ -176,6 +177,8 @@ class StageWorker:
         stats["busy_fraction"] = self.busy[0] / self.busy[1] if self.busy[1] else 0.0
         stats["parameters"] = sum(p.numel() for p in self.stage.module.parameters())
         stats["device"] = str(self.device)
+        if self.loop is not None:
+            stats.update(self.loop.pending_summary())
         if self.transport is not None:
             stats["transport"] = self.transport.stats.summary()
         return stats

@@ -1,10 +1,13 @@
 """The stage loop: one stage driven by the messages a transport delivers.
 
 ``async`` is the unlocked schedule of DESIGN.md: stage 0 feeds a new batch whenever it
-may (an ``sg`` stage as long as fewer than ``max_in_flight`` steps wait for targets; a
-locked stage only when nothing is pending), every stage forwards and sends up at once, updates
-from its SG, and trains its SG whenever a target arrives. Memory stays bounded: the
-transport's queues are bounded and block the sender, and pending steps are capped.
+may (an ``sg`` stage as long as fewer than its in-flight limit of steps wait for targets:
+``max_in_flight``, or with 0 what the pipeline needs within ``pending_memory`` bytes, see
+core/pending.py; a locked stage only when nothing is pending), every stage forwards and
+sends up at once, updates from its SG, and trains its SG whenever a target arrives.
+Memory stays bounded: the transport's queues are bounded and block the sender, pending
+steps are capped at stage 0, and a stage above holds its next input while its waiting
+steps fill ``pending_memory``.
 With ``micro_batches`` M > 1 (pipelined backprop, GPipe), a locked stage also takes inputs
 of the group of M steps it is working on (no update comes between them), never one of the
 next group before the group's update: stage 0 feeds a group's M steps, then drains.
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from dni_dist.core.messages import Kind, Message
+from dni_dist.core.pending import AUTO, PendingMeter, in_flight_limit, pending_budget
 from dni_dist.core.stage import Stage
 from dni_dist.transports.base import Transport, TransportError
 
@@ -50,8 +54,9 @@ class StageLoop:
         schedule: str = "async",
         timeout: float = 120.0,
         slow_seconds: float = 0.0,
-        max_in_flight: int = 2,
+        max_in_flight: int = AUTO,
         slow_jitter: float = 0.0,
+        pending_memory: int = AUTO,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule {schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
@@ -62,7 +67,15 @@ class StageLoop:
         self.slow_seconds = slow_seconds  # test hook: pretend each input costs this much more
         self.slow_jitter = slow_jitter  # ... plus up to this much, uniformly at random
         self._jitter = random.Random(stage.index)
-        self.max_in_flight = stage.micro_batches if stage.locked else max_in_flight
+        self.meter = PendingMeter()
+        self._requested = (max_in_flight, pending_memory)
+        # Locked stages keep their rule: one step (or one GPipe group) at a time.
+        self.max_in_flight, self.in_flight_bound = (stage.micro_batches, "locked") if stage.locked else (0, "")
+        # Above stage 0, the budget alone bounds an unlocked stage's waiting steps (None: no
+        # bound yet): its steps may hold more than stage 0's (a graph, stashed weights).
+        self.memory_steps: int | None = None
+        if not stage.locked:
+            self._resolve_limit(None)
         self._early: list[Message] = []
         self._max_queued = 0
         self._max_pending = 0
@@ -101,7 +114,7 @@ class StageLoop:
         stage = self.stage
         fed = 0
         handled = 0
-        held: deque[Message] = deque()  # inputs a locked stage may not start yet
+        held: deque[Message] = deque()  # inputs this stage may not start yet (locked, or over budget)
         while fed < steps or handled < steps * per_step:
             if inputs is not None:
                 msg = self.transport.try_recv()  # targets first: they free pending steps
@@ -114,14 +127,14 @@ class StageLoop:
                 if msg is None:
                     msg = self.transport.recv(self.timeout)
             else:
-                if held and stage.takes_input(held[0].step):
+                if held and self._takes_input(held[0].step):
                     msg = held.popleft()
                 else:
                     msg = self.transport.recv(self.timeout)
                     # A locked stage finishes its step (or group) first: its update would
                     # change the weights under the next step's graph. Direct errors make this
                     # real: stage 0 can get its error, and feed the next step, before we get ours.
-                    if msg.kind is Kind.ACTIVATION and (held or not stage.takes_input(msg.step)):
+                    if msg.kind is Kind.ACTIVATION and (held or not self._takes_input(msg.step)):
                         held.append(msg)
                         continue
                 if msg.kind is Kind.ACTIVATION:
@@ -165,8 +178,11 @@ class StageLoop:
 
     # ---------------------------------------------------------------- events
     def _input(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        for out in self.stage.forward(step, x, y):  # send up before updating
+        measured = self.meter.step_bytes is not None
+        for out in self.meter.forward(self.stage, step, x, y):  # send up before updating
             self.transport.send(out)
+        if not measured and self.meter.step_bytes is not None and not self.stage.locked:  # the first step told
+            self._resolve_limit(pending_budget(self._requested[1], x.device))
         if self.slow_seconds or self.slow_jitter:  # simulated work: counted as compute, like the real kind
             pause = self.slow_seconds + self._jitter.uniform(0.0, self.slow_jitter)
             time.sleep(pause)
@@ -183,6 +199,35 @@ class StageLoop:
     def _sample(self) -> None:
         self._max_queued = max(self._max_queued, self.transport.queued)
         self._max_pending = max(self._max_pending, self.stage.pending_steps)
+
+    def _takes_input(self, step: int) -> bool:
+        """May a stage above 0 start ``step``? A locked one by its rule; an unlocked one while
+        its waiting steps fit the memory budget. Holding the activation cannot deadlock: every
+        waiting step was sent up already, so its target comes (the top never holds)."""
+        stage = self.stage
+        if not stage.takes_input(step):
+            return False
+        return self.memory_steps is None or stage.pending_steps < self.memory_steps
+
+    def _resolve_limit(self, budget: int | None) -> None:
+        """The in-flight limit; ``budget`` None: before the first step, nothing measured yet."""
+        stage = self.stage
+        step_bytes = self.meter.step_bytes
+        self.max_in_flight, self.in_flight_bound = in_flight_limit(
+            self._requested[0], stage.num_stages, stage.target_mode, budget or 0, step_bytes
+        )
+        if budget and step_bytes:
+            self.memory_steps = max(1, budget // step_bytes)
+
+    def pending_summary(self) -> dict[str, int | str | None]:
+        """summary.json's per-stage in-flight and pending-memory keys (the limit is stage 0's)."""
+        feeds = self.stage.index == 0
+        return {
+            "in_flight_limit": self.max_in_flight if feeds else None,
+            "in_flight_bound": self.in_flight_bound if feeds else None,
+            "pending_step_limit": self.memory_steps,  # the budget in steps (stage 0: within in_flight_limit)
+            **self.meter.summary(),
+        }
 
     def _check_order(self, got: int, expected: int) -> None:
         if got != expected:
