@@ -14,7 +14,7 @@ from helpers import start_local_ray
 
 from dni_dist.bench import BENCHES, run_bench
 from dni_dist.bench.accuracy import SIZES, make_spec
-from dni_dist.bench.common import BASELINES, DNI_METHODS, METHODS
+from dni_dist.bench.common import BASELINES, DELAYED_METHODS, DNI_METHODS, METHODS
 from dni_dist.cli import _segments, main
 from dni_dist.errors import ConfigError
 
@@ -101,7 +101,7 @@ def test_throughput_quick_records_every_method_and_finite_ratios(ray_session, tm
     assert sorted(r["method"] for r in on_disk["results"]) == sorted(METHODS)
     for r in on_disk["results"]:
         assert r["segments"] == 2 and r["samples_per_second"] > 0 and len(r["windows"]) == 2
-    expected = {f"{m} / {b} (K=2)" for m in DNI_METHODS for b in BASELINES}
+    expected = {f"{m} / {b} (K=2)" for m in DNI_METHODS for b in BASELINES + DELAYED_METHODS}
     expected |= {f"{m} / best backprop (K=2)" for m in DNI_METHODS}
     assert set(on_disk["ratios"]) == expected
     assert all(math.isfinite(v) and v > 0 for v in on_disk["ratios"].values())

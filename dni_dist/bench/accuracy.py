@@ -15,6 +15,7 @@ from typing import Any
 
 from dni_dist.bench.common import (
     BASELINES,
+    DELAYED_METHODS,
     DNI_METHODS,
     Spec,
     check_segments,
@@ -113,6 +114,10 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, float | None]:
             if m in at_k:
                 mine = at_k[m]
                 out[f"{m} / best backprop (K={k})"] = mine / best if mine and best else None
+                for d in DELAYED_METHODS:
+                    if d in at_k:
+                        theirs = at_k[d]
+                        out[f"{m} / {d} (K={k})"] = mine / theirs if mine and theirs else None
     return out
 
 

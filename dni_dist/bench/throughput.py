@@ -15,6 +15,7 @@ from typing import Any
 
 from dni_dist.bench.common import (
     BASELINES,
+    DELAYED_METHODS,
     DNI_METHODS,
     ENGINE_METHODS,
     Spec,
@@ -81,10 +82,11 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, float]:
     for k in sorted({r["segments"] for r in results}):
         at_k = {r["method"]: r["samples_per_second"] for r in results if r["segments"] == k}
         base = {m: v for m, v in at_k.items() if m in BASELINES and v > 0}
+        delayed = {m: v for m, v in at_k.items() if m in DELAYED_METHODS and v > 0}
         for m in DNI_METHODS:
             if m not in at_k:
                 continue
-            for b, v in base.items():
+            for b, v in {**base, **delayed}.items():
                 out[f"{m} / {b} (K={k})"] = at_k[m] / v
             if base:
                 out[f"{m} / best backprop (K={k})"] = at_k[m] / max(base.values())
