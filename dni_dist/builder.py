@@ -101,7 +101,7 @@ def balance_cuts(config: TrainConfig, model: nn.Sequential, input_shape: tuple[i
             blocks,
             input_shape,
             config.data.batch_size,
-            task.context_dim,
+            task,
             lambda k, shape: make_boundary(config, task, k, shape),
             config.sg.refresh,
         )

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dni_dist.core.methods import Boundary, SyntheticBoundary
+from dni_dist.core.tasks import Task
 from dni_dist.errors import ConfigError
 
 Shape = tuple[int, ...]
@@ -51,8 +52,28 @@ def _meta_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+class _TotalOnly:
+    """Stands in for FlopCounterMode's module tracker: only the total is wanted here, and the
+    tracker's autograd hooks break ``torch.autograd.grad`` w.r.t. a leaf created inside the
+    mode, which is what sg-prop's signal takes."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _TotalOnly:
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        return None
+
+
+def _counter() -> FlopCounterMode:
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _TotalOnly()
+    return counter
+
+
 def _flops(run: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with _counter() as counter:
         run()
     return int(counter.get_total_flops())
 
@@ -78,13 +99,13 @@ def _block_cost(block: nn.Module, x: torch.Tensor) -> tuple[int, int, torch.Tens
     """(forward FLOPs, backward FLOPs, output) of one block; the input gradient is counted
     if ``x`` requires it."""
     state = _meta_state(block)
-    with FlopCounterMode(display=False) as counter:
+    with _counter() as counter:
         h = torch.func.functional_call(block, state, (x,))
     forward = int(counter.get_total_flops())
     wrt = [t for t in state.values() if t.requires_grad] + ([x] if x.requires_grad else [])
     if not (h.requires_grad and wrt):  # e.g. a parameter-free first block: no backward runs
         return forward, 0, h
-    with FlopCounterMode(display=False) as counter:
+    with _counter() as counter:
         torch.autograd.grad(h, wrt, torch.ones_like(h), allow_unused=True)
     return forward, int(counter.get_total_flops()), h
 
@@ -94,12 +115,14 @@ def refreshes(boundary: Boundary, refresh: bool) -> bool:
     return refresh and isinstance(boundary, SyntheticBoundary) and not boundary.update_locked
 
 
-def boundary_cost(boundary: Boundary, shape: Shape, batch: int, context_dim: int, refresh: bool) -> int:
+def boundary_cost(boundary: Boundary, shape: Shape, batch: int, task: Task, refresh: bool) -> int:
     """FLOPs of what a stage does at its boundary per step, besides its segment's own passes."""
     h = torch.zeros(batch, *shape, device="meta")
-    context = torch.zeros(batch, context_dim, device="meta")
+    context = torch.zeros(batch, task.context_dim, device="meta")
+    # What arrives from above: the output error for direct methods (DFA, Kickback), else dL/dh.
+    received = torch.zeros(batch, task.n_outputs, device="meta") if boundary.direct_error else torch.zeros_like(h)
     # The signal: the SG's output (sg), plus its gradient w.r.t. h (sg-prop), or a fixed SG's.
-    total = _flops(lambda: boundary.signal(h, context, torch.zeros_like(h)))
+    total = _flops(lambda: boundary.signal(h, context, received))
     if isinstance(boundary, SyntheticBoundary):
 
         def train() -> None:
@@ -117,7 +140,7 @@ def step_costs(
     blocks: Sequence[nn.Module],
     input_shape: Shape,
     batch: int,
-    context_dim: int,
+    task: Task,
     make_boundary: BoundaryFactory,
     refresh: bool,
 ) -> StepCosts:
@@ -137,7 +160,7 @@ def step_costs(
                 after.append(math.inf)
                 continue
             refreshing = refreshing or refreshes(boundary, refresh)
-            after.append(boundary_cost(boundary, shape, batch, context_dim, refresh))
+            after.append(boundary_cost(boundary, shape, batch, task, refresh))
     after.append(0)  # after the last block: the top segment ends there and has no boundary
     # A refreshing stage runs its segment's forward once more per late target.
     below = [t + f for t, f in zip(top, forwards, strict=True)] if refreshing else list(top)
