@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dni_dist.config import OptimConfig, TrainConfig
-from dni_dist.core.cost import step_costs
+from dni_dist.core.cost import StepCosts, step_costs
 from dni_dist.core.feedback import to_feedback_alignment
 from dni_dist.core.methods import Boundary, build_boundary
 from dni_dist.core.partition import balanced_cuts, param_count, partition
@@ -94,10 +94,21 @@ def balance_cuts(config: TrainConfig, model: nn.Sequential, input_shape: tuple[i
     blocks = list(model.children())
     if config.balance == "params" or config.segments == 1:
         return balanced_cuts([param_count(b) for b in blocks], config.segments)
+    costs = count_costs(config, blocks, input_shape, task)
+    try:
+        return balanced_cuts(costs.top, config.segments, after=costs.after, below=costs.below)
+    except ConfigError:
+        # No split avoids every cut where the boundary cannot be built: plan by parameters,
+        # so that building the stages names the cut and what is wrong with it.
+        return balanced_cuts([param_count(b) for b in blocks], config.segments)
+
+
+def count_costs(config: TrainConfig, blocks: list[nn.Module], input_shape: tuple[int, ...], task: Task) -> StepCosts:
+    """FLOPs per step of each block and of the boundary at each possible cut, for this run."""
     # Counting builds an SG per candidate cut; its initialisation must not move the random
     # stream the stages are built from, or balance=cost would change the run beyond its cuts.
     with torch.random.fork_rng(devices=[]):
-        costs = step_costs(
+        return step_costs(
             blocks,
             input_shape,
             config.data.batch_size,
@@ -105,12 +116,6 @@ def balance_cuts(config: TrainConfig, model: nn.Sequential, input_shape: tuple[i
             lambda k, shape: make_boundary(config, task, k, shape),
             config.sg.refresh,
         )
-    try:
-        return balanced_cuts(costs.top, config.segments, after=costs.after, below=costs.below)
-    except ConfigError:
-        # No split avoids every cut where the boundary cannot be built: plan by parameters,
-        # so that building the stages names the cut and what is wrong with it.
-        return balanced_cuts([param_count(b) for b in blocks], config.segments)
 
 
 def make_boundary(config: TrainConfig, task: Task, k: int, shape: tuple[int, ...]) -> Boundary:

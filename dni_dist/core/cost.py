@@ -153,7 +153,8 @@ def step_costs(
     after: list[float] = []
     refreshing = False
     with torch.device("meta"):
-        for k, shape in enumerate(shapes[:-1]):
+        # After the last block too: an explicit cut there puts the SG between output and loss.
+        for k, shape in enumerate(shapes):
             try:
                 boundary = make_boundary(k, shape)
             except ConfigError:
@@ -161,7 +162,6 @@ def step_costs(
                 continue
             refreshing = refreshing or refreshes(boundary, refresh)
             after.append(boundary_cost(boundary, shape, batch, task, refresh))
-    after.append(0)  # after the last block: the top segment ends there and has no boundary
     # A refreshing stage runs its segment's forward once more per late target.
     below = [t + f for t, f in zip(top, forwards, strict=True)] if refreshing else list(top)
     return StepCosts(top, below, after)
