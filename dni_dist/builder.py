@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from dni_dist.config import OptimConfig, TrainConfig
+from dni_dist.core.cost import StepCosts, step_costs
 from dni_dist.core.feedback import to_feedback_alignment
-from dni_dist.core.methods import build_boundary
-from dni_dist.core.partition import partition
+from dni_dist.core.methods import Boundary, build_boundary
+from dni_dist.core.partition import balanced_cuts, param_count, partition
 from dni_dist.core.stage import Stage
 from dni_dist.core.staleness import StalenessPolicy
 from dni_dist.core.synthetic import build_sg
@@ -75,7 +76,8 @@ def plan_model(config: TrainConfig, input_shape: tuple[int, ...], task: Task) ->
             f"segments={config.segments} is impossible: model.kind={m.kind!r} with depth {m.depth} has {n_blocks} "
             f"blocks; use segments <= {n_blocks} or a deeper model (model.depth)"
         )
-    segments = partition(model, config.segments, config.cuts)
+    cuts = config.cuts if config.cuts is not None else balance_cuts(config, model, input_shape, task)
+    segments = partition(model, config.segments, cuts)
     shapes = []
     with torch.no_grad():
         h = torch.zeros(2, *input_shape)
@@ -84,6 +86,46 @@ def plan_model(config: TrainConfig, input_shape: tuple[int, ...], task: Task) ->
             h = seg(h)
             shapes.append(tuple(h.shape[1:]))
     return Plan(segments, shapes)
+
+
+def balance_cuts(config: TrainConfig, model: nn.Sequential, input_shape: tuple[int, ...], task: Task) -> list[int]:
+    """The cuts ``config.balance`` asks for: FLOPs per step including each stage's boundary
+    (core/cost.py), or parameter counts. Deterministic, so every actor plans the same cuts."""
+    blocks = list(model.children())
+    if config.balance == "params" or config.segments == 1:
+        return balanced_cuts([param_count(b) for b in blocks], config.segments)
+    costs = count_costs(config, blocks, input_shape, task)
+    try:
+        return balanced_cuts(costs.top, config.segments, after=costs.after, below=costs.below)
+    except ConfigError:
+        # No split avoids every cut where the boundary cannot be built: plan by parameters,
+        # so that building the stages names the cut and what is wrong with it.
+        return balanced_cuts([param_count(b) for b in blocks], config.segments)
+
+
+def count_costs(config: TrainConfig, blocks: list[nn.Module], input_shape: tuple[int, ...], task: Task) -> StepCosts:
+    """FLOPs per step of each block and of the boundary at each possible cut, for this run."""
+    # Counting builds an SG per candidate cut; its initialisation must not move the random
+    # stream the stages are built from, or balance=cost would change the run beyond its cuts.
+    with torch.random.fork_rng(devices=[]):
+        return step_costs(
+            blocks,
+            input_shape,
+            config.data.batch_size,
+            task,
+            lambda k, shape: make_boundary(config, task, k, shape),
+            config.sg.refresh,
+        )
+
+
+def make_boundary(config: TrainConfig, task: Task, k: int, shape: tuple[int, ...]) -> Boundary:
+    """The boundary at cut k + 1 (owned by stage k), for activations of ``shape``."""
+    sg = None
+    if config.method in ("sg", "sg-prop"):
+        sg = build_sg(config.sg, shape, task.context_dim, where=f"cut {k + 1}")
+    return build_boundary(
+        config.method, sg, shape, task.n_outputs, config.seed * 31 + k, config.sg_prop_alpha, config.fdg_shrink
+    )
 
 
 def build_stages(config: TrainConfig, input_shape: tuple[int, ...], task: Task, only: int | None = None) -> list[Stage]:
@@ -96,18 +138,7 @@ def build_stages(config: TrainConfig, input_shape: tuple[int, ...], task: Task, 
         boundary = None
         sg_optimizer = None
         if k < k_total - 1:
-            sg = None
-            if config.method in ("sg", "sg-prop"):
-                sg = build_sg(config.sg, plan.cut_shapes[k], task.context_dim, where=f"cut {k + 1}")
-            boundary = build_boundary(
-                config.method,
-                sg,
-                plan.cut_shapes[k],
-                task.n_outputs,
-                config.seed * 31 + k,
-                config.sg_prop_alpha,
-                config.fdg_shrink,
-            )
+            boundary = make_boundary(config, task, k, plan.cut_shapes[k])
             sg_optimizer = make_optimizer(list(boundary.parameters()), config.optim, lr=config.sg.lr)
             if config.dist.micro_batches > 1 and not boundary.update_locked:
                 raise ConfigError(

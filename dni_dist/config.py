@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from dni_dist.core.methods import METHODS
+from dni_dist.core.partition import BALANCES
 from dni_dist.core.stage import TARGET_MODES
 from dni_dist.core.staleness import GATES
 from dni_dist.core.synthetic import SG_KINDS, WRAPPERS, SGSpec
@@ -147,6 +148,9 @@ class TrainConfig:
     method: str = "sg"
     segments: int = 2
     cuts: list[int] | None = None
+    # Without cuts: balance the segments by FLOPs per step, each stage's SG boundary included
+    # ("cost"), or by parameter count ("params").
+    balance: str = "cost"
     runtime: str = "local"
     transport: str = "gloo"
     epochs: int = 10
@@ -177,6 +181,7 @@ class TrainConfig:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS,
+    "balance": BALANCES,
     "runtime": RUNTIMES,
     "transport": TRANSPORTS,
     "model.kind": MODEL_KINDS,

@@ -199,7 +199,11 @@ def test_check_plans_without_training(tmp_path, capsys) -> None:
 @pytest.mark.parametrize(
     ("args", "named"),
     [
-        (["--set", "model.kind=cnn", "--set", "sg.kind=conv", "--segments", "3"], "sg.kind='conv'"),
+        # balance=cost moves the cut off the flatten instead (tests/test_balance.py).
+        (
+            ["--set", "model.kind=cnn", "--set", "sg.kind=conv", "--segments", "3", "--set", "balance=params"],
+            "sg.kind='conv'",
+        ),
         (["--set", "model.kind=mlp", "--set", "sg.kind=conv"], "sg.kind='conv'"),
         (["--dataset", "artificial", "--set", "model.kind=cnn"], "model.kind='cnn' needs image inputs"),
         (["--segments", "3", "--set", "cuts=[1,9]"], "cuts=[1, 9]"),

@@ -34,10 +34,11 @@ def make_spec(quick: bool, opts: dict[str, Any]) -> tuple[Spec, int]:
     if quick:
         width, depth, batch, samples, windows = 64, 3, 32, 400, 3
     else:
-        # 9 hidden layers (8 of them 1024 x 1024): K=2 cuts into equal halves of about 4M
-        # parameters (with 4 hidden layers the only cuts leave 1.1M vs 2.1M, so the pipeline
-        # would measure its imbalance); ~80 ms of compute per step and stage, so compute
-        # dominates messaging.
+        # 9 hidden layers (8 of them 1024 x 1024): K=2 cuts backprop's pipelines into equal
+        # halves of about 4M parameters, and sg after 4 hidden layers, not 5, since its stage 0
+        # also runs the SG (balance=cost; with 4 hidden layers the only cuts leave 1.1M vs
+        # 2.1M, so the pipeline would measure its imbalance); ~80 ms of compute per step and
+        # stage, so compute dominates messaging.
         width, depth, batch, samples, windows = 1024, 9, 256, 12000, 6
     data = ("data.name=artificial", "data.dim=100", "data.outputs=2", f"data.samples={samples}")
     spec = Spec.from_options(opts, width, depth, batch, data)

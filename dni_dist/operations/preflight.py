@@ -13,9 +13,10 @@ import math
 
 import torch
 
-from dni_dist.builder import load_data, plan_model
+from dni_dist.builder import count_costs, load_data, plan_model
 from dni_dist.config import TrainConfig
 from dni_dist.core.methods import build_boundary
+from dni_dist.core.partition import segment_loads
 from dni_dist.core.synthetic import build_sg
 from dni_dist.data import Dataset
 from dni_dist.errors import ConfigError
@@ -42,7 +43,7 @@ def _check_gpus(config: TrainConfig) -> None:
 
 def preflight(config: TrainConfig, dataset: Dataset | None = None) -> str:
     """Raise ConfigError for anything that would fail while building the run; else return
-    a one-line plan (blocks, cuts, shapes and parameter counts per segment). ``dataset``:
+    a one-line plan (blocks, cuts, shapes, parameter counts and FLOPs per step per segment). ``dataset``:
     the run's data when the caller has loaded it already (else it is loaded here)."""
     _check_gpus(config)
     if dataset is None:
@@ -66,12 +67,16 @@ def preflight(config: TrainConfig, dataset: Dataset | None = None) -> str:
     blocks = [len(segment) for segment in plan.segments]
     cuts = [sum(blocks[: i + 1]) for i in range(len(blocks) - 1)]
     params = [_count(segment) for segment in plan.segments]
+    with torch.device("meta"):
+        costs = count_costs(shaped, [b for segment in plan.segments for b in segment], dataset.input_shape, task)
+    gflops = [f"{load / 1e9:.3g}" for load in segment_loads(costs.top, cuts, costs.after, costs.below)]
     where = f"runtime={config.runtime}" + (f" transport={config.transport}" if config.runtime == "ray" else "")
     return (
         f"plan: {config.method} on {dataset.name} {_shape(dataset.input_shape)} ({n_train} train, "
         f"{n_train // config.data.batch_size} steps/epoch), {config.model.kind} of {sum(blocks)} blocks in "
         f"{config.segments} segments, cuts {_brief(cuts)}, cut shapes {_brief([_shape(s) for s in plan.cut_shapes])}, "
-        f"params per segment {_brief(params)} ({math.fsum(params):.0f} total), {where}"
+        f"params per segment {_brief(params)} ({math.fsum(params):.0f} total), GFLOP per stage step "
+        f"{_brief(gflops)}, {where}"
     )
 
 
