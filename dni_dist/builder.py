@@ -140,7 +140,7 @@ def build_stages(config: TrainConfig, input_shape: tuple[int, ...], task: Task, 
         if k < k_total - 1:
             boundary = make_boundary(config, task, k, plan.cut_shapes[k])
             sg_optimizer = make_optimizer(list(boundary.parameters()), config.optim, lr=config.sg.lr)
-            if config.dist.micro_batches > 1 and not boundary.update_locked:
+            if config.dist.micro_batches > 1 and (not boundary.update_locked or boundary.runs_ahead):
                 raise ConfigError(
                     f"dist.micro_batches={config.dist.micro_batches} is pipelined backprop for locked methods; "
                     f"method={config.method} updates without waiting, use dist.micro_batches=1"

@@ -55,6 +55,9 @@ class Boundary(nn.Module):
     update_locked: ClassVar[bool] = True
     backwards_locked: ClassVar[bool] = True
     direct_error: ClassVar[bool] = False
+    # A locked method whose stage still takes the next input before its signal arrives
+    # (delayed gradients): its update waits, its pipeline does not.
+    runs_ahead: ClassVar[bool] = False
 
     def signal(self, h: torch.Tensor, context: torch.Tensor, received: torch.Tensor | None) -> torch.Tensor:
         """g_hat for the lower part, in batch-mean-loss units, shaped like h."""
@@ -95,16 +98,14 @@ class FeedbackAlignmentBoundary(BackpropBoundary):
 class DelayedGradientBoundary(BackpropBoundary):
     """Delayed gradients (DDG): the true dL/dh, applied whenever it arrives.
 
-    Not update locked: the stage below runs ahead on its current weights, and the stage
-    keeps each step's weights (weight stashing) so the delayed gradient is exactly
-    backprop's for that step. In lockstep it is backprop.
+    In the table it is backprop (each update waits for its step's gradient), but the stage
+    does not wait before its next input: it runs ahead on its current weights and keeps
+    each step's weights (weight stashing), so the delayed gradient is exactly backprop's
+    for that step. In lockstep it is backprop.
     """
 
     name = "ddg"
-    update_locked = False
-    # It never waits for the error before going on (that is its point); it only applies the
-    # error whenever it comes.
-    backwards_locked = False
+    runs_ahead = True
 
 
 class ShrunkDelayedGradientBoundary(DelayedGradientBoundary):

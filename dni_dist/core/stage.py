@@ -169,7 +169,7 @@ class Stage:
         # Weight stashing is needed wherever the segment updates before a step's true gradient
         # goes through it: an unlocked SG stage that has a stage below and true targets, and
         # every delayed-gradient (ddg/fdg) stage, whose own update comes after later forwards.
-        delayed = boundary is not None and not boundary.update_locked and boundary.waits_for == "grad"
+        delayed = boundary is not None and boundary.runs_ahead
         self._stash = (learned and index > 0 and target_mode != "bootstrap") or delayed
         # Late targets (core/staleness.py): only an unlocked SG updates before they arrive.
         self._late = StalenessControl(staleness or StalenessPolicy(), optimizer) if learned else None
@@ -305,7 +305,7 @@ class Stage:
     @property
     def locked(self) -> bool:
         """Must this stage wait for a signal from above before taking its next input?"""
-        return not self.is_top and self.boundary.update_locked
+        return not self.is_top and self.boundary.update_locked and not self.boundary.runs_ahead
 
     def takes_input(self, step: int) -> bool:
         """May a locked stage start ``step`` now? Yes if nothing is pending, or if the pending
