@@ -85,9 +85,9 @@ def test_the_control_is_idle_while_targets_are_fresh() -> None:
     optimizer = torch.optim.Adam(segment.parameters(), lr=1e-3)
     control = StalenessControl(StalenessPolicy(), optimizer)
     target = torch.ones(4, 3)
-    for _ in range(5):
-        control.observe(torch.zeros(4, 3), target, staleness=0)
-    assert control.gate() is None and not control.refresh(0) and not control.refresh(1)
+    for staleness in (0, 1, 2, 2, 2):  # a running mean of 2: not late yet
+        control.observe(torch.zeros(4, 3), target, staleness=staleness)
+    assert control.gate() is None and not control.refresh()
     assert optimizer.param_groups[0]["lr"] == 1e-3
 
 
@@ -100,8 +100,8 @@ def test_the_control_gates_by_reliability_and_slows_the_segment_when_late() -> N
     assert float(control.gate()) == pytest.approx(1.0)
     control.observe(torch.zeros(4, 3), target, staleness=9)  # says nothing: r = 0
     assert float(control.gate()) == pytest.approx(0.9)  # a running mean, not a switch
-    assert control.refresh(9)
+    assert control.refresh()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / (1 + 3.0))  # 1 + sqrt(9) / 1
     off = StalenessControl(StalenessPolicy(refresh=False, gate="none", delay_lr=0.0), optimizer)
     off.observe(torch.zeros(4, 3), target, staleness=9)
-    assert off.gate() is None and not off.refresh(9)
+    assert off.gate() is None and not off.refresh()

@@ -426,7 +426,7 @@ class Stage:
         boundary = self.boundary
         assert isinstance(boundary, SyntheticBoundary) and self.sg_optimizer is not None
         staleness = self._clock - pending.forward_at
-        refresh = self._late is not None and self._late.refresh(staleness)
+        refresh = self._late is not None and self._late.refresh()
         h = self._recompute(pending.x) if refresh else pending.h
         # How good the SG was for this step: its output on the step's own h, before it
         # learns from the target (the fitting pass gives just that, unless h is refreshed).
