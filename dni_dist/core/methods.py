@@ -163,8 +163,7 @@ class SyntheticBoundary(Boundary):
         self.sg = sg
 
     def signal(self, h: torch.Tensor, context: torch.Tensor, received: torch.Tensor | None) -> torch.Tensor:
-        with torch.no_grad():
-            return self.sg(h, context) / h.shape[0]
+        return self.predict(h, context) / h.shape[0]
 
     @torch.no_grad()
     def predict(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

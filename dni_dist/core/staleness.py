@@ -66,7 +66,6 @@ class StalenessControl:
         self.base_lrs = [group["lr"] for group in optimizer.param_groups] if optimizer is not None else []
         self.reliability: torch.Tensor | None = None  # running mean of r, on the SG's device
         self.staleness = 0.0  # running mean of target staleness, in steps
-        self.targets = 0
 
     @property
     def late(self) -> bool:
@@ -88,18 +87,19 @@ class StalenessControl:
         """One arrived target: the SG's prediction for it (same units) and how late it came."""
         error = (prediction - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
         r = (1.0 - error).clamp_min(0.0)
-        self.reliability = r if self.reliability is None else _EMA * self.reliability + (1 - _EMA) * r
-        self.staleness = float(staleness) if not self.targets else _EMA * self.staleness + (1 - _EMA) * staleness
-        self.targets += 1
+        if self.reliability is None:  # the first target: the means start at its values
+            self.reliability, self.staleness = r, float(staleness)
+        else:
+            self.reliability = _EMA * self.reliability + (1 - _EMA) * r
+            self.staleness = _EMA * self.staleness + (1 - _EMA) * staleness
         if self.policy.delay_lr and self.optimizer is not None:
             factor = 1.0 / (1.0 + math.sqrt(self.staleness) / self.policy.delay_lr) if self.late else 1.0
             for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
                 group["lr"] = base * factor
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reliability": self.reliability, "staleness": self.staleness, "targets": self.targets}
+        return {"reliability": self.reliability, "staleness": self.staleness}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reliability = state["reliability"]
         self.staleness = state["staleness"]
-        self.targets = state["targets"]

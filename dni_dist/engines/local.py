@@ -63,15 +63,10 @@ class LocalEngine:
             if msg.kind is Kind.ACTIVATION:
                 assert msg.labels is not None
                 self._input(stage, msg.step, msg.tensor, msg.labels, queue)
-            elif now is not None and msg.step + self.delay > now and self._learns_from(stage, msg):
-                self._held.append(msg)
+            elif now is not None and msg.step + self.delay > now and not stage.locked:
+                self._held.append(msg)  # a target an unlocked stage learns from, not a locked one's wait
             else:
                 queue.extend(stage.on_message(msg))
-
-    @staticmethod
-    def _learns_from(stage: Stage, msg: Message) -> bool:
-        """Is ``msg`` a target an unlocked stage learns from later (not a locked stage's wait)?"""
-        return msg.kind is not Kind.ACTIVATION and not stage.locked
 
     def _input(self, stage: Stage, step: int, x: torch.Tensor, y: torch.Tensor, queue: deque[Message]) -> None:
         # send up first: the update does not hold it back
