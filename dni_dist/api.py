@@ -5,7 +5,7 @@ runner (so the same checks, engines, metrics and summary.json), with the model a
 given as Python objects. It returns the summary and the trained network reassembled into
 one ``nn.Sequential`` (the stages' segments, in order), which ``save`` writes as a plain
 file that ``load_model`` rebuilds from the model's factory (or zoo spec) alone: no
-engine, SG or config is needed to run it. Format: docs/python-api.md.
+engine, SG or config is needed to run it. Format: docs/user-code.md.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def fit(
     None for the config's data. ``config``: a TrainConfig, a nested mapping or a YAML file;
     ``overrides``: top-level config keys, a mapping for a section (``segments=3,
     runtime="ray", sg={"kind": "mlp"}``). On runtime="ray" the factories must be importable
-    by the stage actors (docs/python-api.md).
+    by the stage actors (docs/user-code.md).
     """
     base = _base_config(config)
     values: dict[str, Any] = dict(overrides)

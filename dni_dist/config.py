@@ -315,10 +315,22 @@ def _mapping(key: str, value: Any) -> dict[str, Any]:
     """A factory's keyword arguments: names that Python accepts as keywords, any YAML values."""
     if not isinstance(value, dict):
         raise ConfigError(f"{key}={value!r} must be a mapping of keyword arguments, e.g. {key}.width=64")
-    for name in value:
+    for name, item in value.items():
         if not isinstance(name, str) or not name.isidentifier():
             raise ConfigError(f"{key}: {name!r} is not a keyword argument name")
+        if not _plain(item):  # it goes into summary.json and saved models
+            raise ConfigError(f"{key}.{name}={item!r} must be plain data: numbers, text, booleans, lists, mappings")
     return dict(value)
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
 
 
 def _apply(target: Any, updates: dict[str, Any], prefix: str = "") -> None:

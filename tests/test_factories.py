@@ -144,6 +144,8 @@ def test_kwargs_merge_across_yaml_and_set_and_need_a_factory(tmp_path) -> None:
         config("model.kwargs.width=8")
     with pytest.raises(ConfigError, match="is not a keyword argument name"):
         config("model.factory=examples.factories:mlp", "model.kwargs={1: 2}")
+    with pytest.raises(ConfigError, match=r"model.kwargs.day=datetime.date\(2020, 1, 1\) must be plain data"):
+        config("model.factory=examples.factories:mlp", "model.kwargs.day=2020-01-01")
 
 
 def test_factory_data_infers_the_task_and_cuts_follow_blocks() -> None:

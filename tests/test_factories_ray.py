@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from helpers import start_local_ray
 
 import dni_dist
 from dni_dist.cli import main
+from dni_dist.errors import ConfigError
 from examples.factories import blobs
 
 pytestmark = pytest.mark.slow  # Ray actors: about 10 s a run on 2 cores
@@ -30,14 +32,20 @@ def ray_session():
     ray.shutdown()
 
 
-def test_fit_on_ray_imports_a_module_only_the_driver_has(tmp_path, monkeypatch) -> None:
-    # The package sits in a directory added to this process's sys.path after Ray started:
-    # the stage actors find it only through the path the driver records for them.
-    package = tmp_path / "user_models_only_here"
+def _package(tmp_path: Path, monkeypatch, name: str) -> Path:
+    """A copy of the example factories as ``name.nets``, in a directory added to this
+    process's sys.path after Ray started (so not to the workers')."""
+    package = tmp_path / name
     package.mkdir()
     (package / "__init__.py").write_text("")
     shutil.copy(EXAMPLES / "factories.py", package / "nets.py")
     monkeypatch.syspath_prepend(str(tmp_path))
+    return package
+
+
+def test_fit_on_ray_imports_a_module_only_the_driver_has(tmp_path, monkeypatch) -> None:
+    # The stage actors find the package only through the path the driver records for them.
+    _package(tmp_path, monkeypatch, "user_models_only_here")
     found = ray.get(ray.remote(lambda: __import__("importlib.util").util.find_spec("user_models_only_here")).remote())
     assert found is None  # not on the workers' own path
 
@@ -60,6 +68,18 @@ def test_fit_on_ray_imports_a_module_only_the_driver_has(tmp_path, monkeypatch) 
     fitted.save(tmp_path / "model.pt")
     with torch.no_grad():
         assert torch.equal(dni_dist.load_model(tmp_path / "model.pt")(x_test), fitted.predict(x_test))
+
+
+def test_a_stage_that_cannot_import_the_model_says_so_in_one_line(tmp_path, monkeypatch) -> None:
+    # As on a cluster node the module was not shipped to: the driver has it, the actors do not.
+    package = _package(tmp_path, monkeypatch, "user_models_not_shipped")
+    importlib.import_module("user_models_not_shipped.nets")
+    shutil.rmtree(package)
+    with pytest.raises(ConfigError) as caught:
+        dni_dist.fit("user_models_not_shipped.nets:mlp", blobs(samples=200), segments=2, out=str(tmp_path), **RAY)
+    message = str(caught.value)
+    assert message.startswith("stage 0 on ") and "\n" not in message
+    assert "no module named 'user_models_not_shipped'" in message and "--working-dir" in message
 
 
 def test_cli_trains_the_example_yaml_on_ray(tmp_path) -> None:

@@ -52,18 +52,29 @@ class StageWorker:
         self.config = config
         self.index = index
         self.device = torch.device("cuda:0") if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
-        if config.model.factory:  # found on this worker's path, else where the driver found it
-            resolve("model.factory", config.model.factory, import_paths)
+        self.transport: Transport | None = None
+        # The user's module: on this worker's path, else where the driver found it. A worker
+        # that finds neither says so through import_problem (an exception here would reach
+        # the driver as a dead actor, not as the one line the user needs).
+        self.import_problem_text: str | None = None
+        if config.model.factory:
+            try:
+                resolve("model.factory", config.model.factory, import_paths)
+            except ConfigError as exc:
+                self.import_problem_text = f"stage {index} on {ray.util.get_node_ip_address()}: {exc}"
+                return
         self.stage = build_stages(config, input_shape, task, only=index)[0]
         self.stage.module.to(self.device)
         if self.stage.boundary is not None:
             self.stage.boundary.to(self.device)
         # Stage 0 loads the named data set itself; data that only the driver has comes along.
         self.data: Dataset | None = None if index else data or load_data(config)
-        self.transport: Transport | None = None
         self.loop: StageLoop | None = None
         self.busy = [0.0, 0.0]  # compute seconds, wall seconds
         self.probe = StageProbe(self.stage, config.data.batch_size)
+
+    def import_problem(self) -> str | None:
+        return self.import_problem_text
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's node address and a free port there (as Ray Train does)."""
@@ -308,6 +319,10 @@ class RayRun:
                     self.import_paths,
                 )
             )
+        problems = ray.get([a.import_problem.remote() for a in self.actors], timeout=cfg.dist.timeout)
+        problem = next((p for p in problems if p), None)
+        if problem:
+            raise ConfigError(f"{problem}; ship the module with the job (ray job submit --working-dir, or py_modules)")
         plan = plan_model(cfg, self.dataset.input_shape, task)
         direct = cfg.method in ("dfa", "kickback")
         streams = all_streams(k, plan.cut_shapes, cfg.data.batch_size, task, direct)
