@@ -136,7 +136,7 @@ def fit(
         for key, spec in (("model", cfg.model.factory), ("data", cfg.data.factory)):
             if spec.startswith("__main__:"):
                 raise ConfigError(
-                    f"{key}={spec!r} is defined in __main__, which Ray's stage actors cannot import; "
+                    f"{key}.factory={spec!r} is defined in __main__, which Ray's stage actors cannot import; "
                     "move it to a module (a .py file beside the script)"
                 )
     dataset = with_loss(cfg, in_memory) if in_memory is not None else None

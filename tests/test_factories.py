@@ -223,3 +223,16 @@ def test_cli_trains_a_factory_from_a_yaml_file(tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["dni-dist: error: model.factory='examples.factories:nope': module 'examples.factories' has no "
                    "attribute 'nope'"]  # fmt: skip
+
+
+def test_fit_on_ray_refuses_a_factory_from_main(tmp_path, monkeypatch) -> None:
+    import __main__
+    from examples.factories import mlp
+
+    def tiny(input_shape, n_outputs):  # as if defined in a script run as __main__
+        return mlp(input_shape, n_outputs, width=8, depth=1)
+
+    tiny.__module__, tiny.__qualname__ = "__main__", "tiny"
+    monkeypatch.setattr(__main__, "tiny", tiny, raising=False)
+    with pytest.raises(ConfigError, match=r"model.factory='__main__:tiny' is defined in __main__.*move it to a module"):
+        dni_dist.fit(tiny, blobs, runtime="ray", out=str(tmp_path))
