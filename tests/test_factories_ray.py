@@ -92,3 +92,15 @@ def test_cli_trains_the_example_yaml_on_ray(tmp_path) -> None:
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["dataset"] == "examples.factories:blobs" and summary["runtime"] == "ray"
     assert summary["test_accuracy"] > 0.6
+
+
+def test_lockstep_on_ray_matches_the_local_engine_for_factories(tmp_path) -> None:
+    """Actors build the factory's model and get the factory's data exactly as the local engine does."""
+    common = {"segments": 3, "epochs": 1, "model_kwargs": {"width": 16}, "data_kwargs": {"samples": 400}}
+    spec = ("examples.factories:mlp", "examples.factories:blobs")
+    lockstep = {**RAY, "dist": {**RAY["dist"], "schedule": "lockstep"}}
+    distributed = dni_dist.fit(*spec, **common, **lockstep, out=str(tmp_path / "ray")).network.state_dict()
+    local = dni_dist.fit(*spec, **common, out=str(tmp_path / "local")).network.state_dict()
+    assert distributed.keys() == local.keys()
+    for name in local:
+        torch.testing.assert_close(distributed[name], local[name], msg=name)
