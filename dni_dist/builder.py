@@ -19,6 +19,7 @@ from dni_dist.core.staleness import StalenessPolicy
 from dni_dist.core.synthetic import build_sg
 from dni_dist.core.tasks import Task
 from dni_dist.data import Dataset, load_dataset
+from dni_dist.data.factory import load_from_factory
 from dni_dist.errors import ConfigError
 from dni_dist.models import build_model
 
@@ -36,10 +37,18 @@ def make_optimizer(
 
 def load_data(config: TrainConfig) -> Dataset:
     d = config.data
-    dataset = load_dataset(
-        d.name, config.seed, d.path, d.download, d.task, d.dim, d.labels, d.samples, d.outputs, d.grid
-    )
-    loss = d.loss
+    if d.factory:
+        dataset = load_from_factory(d.factory, d.kwargs)
+    else:
+        dataset = load_dataset(
+            d.name, config.seed, d.path, d.download, d.task, d.dim, d.labels, d.samples, d.outputs, d.grid
+        )
+    return with_loss(config, dataset)
+
+
+def with_loss(config: TrainConfig, dataset: Dataset) -> Dataset:
+    """``dataset`` with the loss ``data.loss`` and the method ask for."""
+    loss = config.data.loss
     # Softmax errors sum to zero per example, so Kickback's signal e 1^T vanishes under log
     # loss (only round-off is left, which Adam amplifies into drift). Its paper used a
     # squared error; that is what the automatic choice picks for it.
@@ -72,9 +81,10 @@ def plan_model(config: TrainConfig, input_shape: tuple[int, ...], task: Task) ->
         to_feedback_alignment(model, seed=config.seed + 7)
     n_blocks = len(model)
     if config.segments > n_blocks + (config.cuts is not None):
+        model_name = f"model.factory={m.factory!r}" if m.factory else f"model.kind={m.kind!r} with depth {m.depth}"
         raise ConfigError(
-            f"segments={config.segments} is impossible: model.kind={m.kind!r} with depth {m.depth} has {n_blocks} "
-            f"blocks; use segments <= {n_blocks} or a deeper model (model.depth)"
+            f"segments={config.segments} is impossible: {model_name} has {n_blocks} "
+            f"blocks; use segments <= {n_blocks} or a deeper model"
         )
     cuts = config.cuts if config.cuts is not None else balance_cuts(config, model, input_shape, task)
     segments = partition(model, config.segments, cuts)

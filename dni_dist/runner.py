@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,11 +48,12 @@ def evaluate(engine: EpochEngine, dataset: Dataset) -> dict[str, float]:
     return result
 
 
-def make_engine(config: TrainConfig, dataset: Dataset) -> EpochEngine:
+def make_engine(config: TrainConfig, dataset: Dataset, in_memory: bool = False) -> EpochEngine:
+    """``in_memory``: the data came from the caller, not from the config."""
     if config.runtime == "ray":
         from dni_dist.engines.ray_engine import RayRun  # Ray is imported only when used
 
-        return RayRun(config, dataset)
+        return RayRun(config, dataset, in_memory)
     from dni_dist.engines.local_run import LocalRun
 
     return LocalRun(config, dataset)
@@ -63,11 +65,30 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+@dataclass
+class Trained:
+    """A finished run: its summary and, when asked for, each stage's trained segment state."""
+
+    summary: dict[str, Any]
+    dataset: Dataset
+    segment_states: list[dict[str, torch.Tensor]] | None = None
+
+
 def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
     """Train as ``config`` says; return (and write) the summary."""
+    return run(config, verbose).summary
+
+
+def run(
+    config: TrainConfig, verbose: bool = False, dataset: Dataset | None = None, keep_segments: bool = False
+) -> Trained:
+    """Train as ``config`` says, on ``dataset`` if given (else the config's data); write the
+    summary, and with ``keep_segments`` also return the trained segments' states."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    dataset = load_data(config)
+    in_memory = dataset is not None
+    if dataset is None:
+        dataset = load_data(config)
     # Plan the whole run on the meta device first: a distributed run would fail late and far away.
     preflight(config, dataset)
     steps_per_epoch = len(dataset.x_train) // config.data.batch_size
@@ -75,7 +96,7 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
     # The metrics endpoint and progress display (a taken port fails here, before any Ray).
     monitor = Monitor(config, steps_per_epoch, verbose)
     try:
-        engine = make_engine(config, dataset)
+        engine = make_engine(config, dataset, in_memory)
     except BaseException:
         monitor.close()
         raise
@@ -132,6 +153,7 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
         if not result:  # resumed at the very end: nothing was trained here
             result = evaluate(engine, dataset)
         stages = engine.stage_summaries()
+        segment_states = [state["module"] for state in engine.stage_states()] if keep_segments else None
     finally:
         engine.close()
         monitor.close()
@@ -155,4 +177,4 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
         "config": config.to_dict(),
     }
     _write_json(out / "summary.json", summary)
-    return summary
+    return Trained(summary, dataset, segment_states)

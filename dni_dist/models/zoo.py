@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from dni_dist.errors import ConfigError
+from dni_dist.models.factory import build_from_factory
 
 MODEL_KINDS: tuple[str, ...] = ("mlp", "linear", "deep_linear", "cnn")
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
@@ -28,10 +30,16 @@ class ModelSpec:
     activation: str = "relu"
     batch_norm: bool = False
     channels: int = 32
+    # A user's model instead of ``kind`` (models/factory.py): "package.module:function",
+    # called as function(input_shape, n_outputs, **kwargs).
+    factory: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def build_model(spec: ModelSpec, input_shape: tuple[int, ...], n_outputs: int) -> nn.Sequential:
     """Build the model for inputs of shape (batch, *input_shape)."""
+    if spec.factory:
+        return build_from_factory(spec.factory, spec.kwargs, input_shape, n_outputs)
     if spec.activation not in ACTIVATIONS:
         raise ConfigError(f"model.activation={spec.activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}")
     if spec.depth < 0 or spec.width < 1:

@@ -70,10 +70,11 @@ def preflight(config: TrainConfig, dataset: Dataset | None = None) -> str:
     with torch.device("meta"):
         costs = count_costs(shaped, [b for segment in plan.segments for b in segment], dataset.input_shape, task)
     gflops = [f"{load / 1e9:.3g}" for load in segment_loads(costs.top, cuts, costs.after, costs.below)]
+    model = config.model.factory or config.model.kind
     where = f"runtime={config.runtime}" + (f" transport={config.transport}" if config.runtime == "ray" else "")
     return (
         f"plan: {config.method} on {dataset.name} {_shape(dataset.input_shape)} ({n_train} train, "
-        f"{n_train // config.data.batch_size} steps/epoch), {config.model.kind} of {sum(blocks)} blocks in "
+        f"{n_train // config.data.batch_size} steps/epoch), {model} of {sum(blocks)} blocks in "
         f"{config.segments} segments, cuts {_brief(cuts)}, cut shapes {_brief([_shape(s) for s in plan.cut_shapes])}, "
         f"params per segment {_brief(params)} ({math.fsum(params):.0f} total), GFLOP per stage step "
         f"{_brief(gflops)}, {where}"
