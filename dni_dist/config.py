@@ -73,6 +73,9 @@ class DataConfig:
     samples: int = 1000
     outputs: int = 1
     grid: bool = False
+    # data.name=text: tokens per example (the model's context length) and the corpus size cap.
+    context: int = 64
+    max_bytes: int = 1 << 20
 
 
 @dataclass
@@ -220,6 +223,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "model.depth": (0, 1000),
     "model.width": (1, 1 << 20),
     "model.channels": (1, 1 << 16),
+    "model.heads": (1, 1 << 12),
     "sg.hidden": (1, 1 << 20),
     "sg.hidden_layers": (0, 16),
     "sg.rank": (1, 1 << 20),
@@ -232,6 +236,8 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.dim": (1, 1 << 20),
     "data.samples": (8, 1 << 26),
     "data.outputs": (1, 1 << 16),
+    "data.context": (1, 1 << 16),
+    "data.max_bytes": (2, 1 << 31),
     "optim.lr": (0.0, None),
     "optim.momentum": (0.0, 1.0),
     "optim.weight_decay": (0.0, None),
@@ -441,9 +447,11 @@ def _check_cross(config: TrainConfig) -> None:
     # Batch norm in training mode needs two examples per batch: one alone has no variance.
     # (With dist.micro_batches every step is still a whole data.batch_size batch.)
     model_bn = config.model.kind == "mlp" and config.model.batch_norm and config.model.depth > 0
+    model_bn = model_bn or config.model.kind == "resnet"  # batch norm in every block
     sg_bn = config.method in ("sg", "sg-prop") and config.sg.kind == "mlp" and config.sg.hidden_layers > 0
     if (model_bn or sg_bn) and batch < 2:
-        where = "model.batch_norm=true" if model_bn else "sg.kind=mlp (its hidden layers use batch norm)"
+        model_why = "model.kind=resnet (batch norm in every block)" if config.model.kind == "resnet" else "model.batch_norm=true"
+        where = model_why if model_bn else "sg.kind=mlp (its hidden layers use batch norm)"
         raise ConfigError(f"data.batch_size={batch} is too small for {where}; use 2 or more")
     data = config.data
     if data.name == "artificial":
