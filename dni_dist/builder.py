@@ -84,7 +84,11 @@ def plan_model(config: TrainConfig, input_shape: tuple[int, ...], task: Task) ->
     if (m.kind == "transformer") != task.per_token and m.kind in MODEL_KINDS:
         raise ConfigError(
             f"model.kind={m.kind!r} does not fit a {task.kind} task; "
-            + ("use a language-modelling set (data.name=text)" if m.kind == "transformer" else "use model.kind=transformer")
+            + (
+                "use a language-modelling set (data.name=text)"
+                if m.kind == "transformer"
+                else "use model.kind=transformer"
+            )
         )
     model = build_model(m, input_shape, task.n_outputs)
     if config.method == "fa":

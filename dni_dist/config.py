@@ -450,7 +450,11 @@ def _check_cross(config: TrainConfig) -> None:
     model_bn = model_bn or config.model.kind == "resnet"  # batch norm in every block
     sg_bn = config.method in ("sg", "sg-prop") and config.sg.kind == "mlp" and config.sg.hidden_layers > 0
     if (model_bn or sg_bn) and batch < 2:
-        model_why = "model.kind=resnet (batch norm in every block)" if config.model.kind == "resnet" else "model.batch_norm=true"
+        model_why = (
+            "model.kind=resnet (batch norm in every block)"
+            if config.model.kind == "resnet"
+            else "model.batch_norm=true"
+        )
         where = model_why if model_bn else "sg.kind=mlp (its hidden layers use batch norm)"
         raise ConfigError(f"data.batch_size={batch} is too small for {where}; use 2 or more")
     data = config.data

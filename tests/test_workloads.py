@@ -88,7 +88,9 @@ def test_the_transformer_is_causal() -> None:
     assert not torch.allclose(after[:, 5:], before[:, 5:])
 
 
-@pytest.mark.parametrize(("model", "plain", "twin"), [(TINY_GPT, nn.Linear, FALinear), (TINY_RESNET, nn.Conv2d, FAConv2d)])
+@pytest.mark.parametrize(
+    ("model", "plain", "twin"), [(TINY_GPT, nn.Linear, FALinear), (TINY_RESNET, nn.Conv2d, FAConv2d)]
+)
 def test_fa_swaps_every_projection_and_convolution(model: tuple[str, ...], plain: type, twin: type) -> None:
     cfg = config("method=fa", "segments=2", *model)
     data = load_data(cfg)
@@ -266,3 +268,39 @@ def test_digits16_is_a_deterministic_image_set_over_twenty_thousand() -> None:
     assert a.x_train.shape == (21_568, 1, 16, 16) and a.x_test.shape == (1_796, 1, 16, 16)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
     assert torch.bincount(a.y_train).min() > 1500  # every digit well represented
+
+
+# ----------------------------------------------------------------------------- bench / reproduce --set
+
+
+def test_bench_settings_choose_the_model_and_data_of_every_method() -> None:
+    from dni_dist.bench.common import Spec, config_for
+
+    spec = Spec(width=16, depth=2, batch_size=16, data=("data.name=digits",), extra=TINY_GPT)
+    cfg = config_for("sg", 3, spec)
+    assert (cfg.model.kind, cfg.data.name, cfg.model.width, cfg.data.context) == ("transformer", "text", 16, 8)
+    assert spec.describe()["model"] == "transformer"
+
+
+def test_reproduce_settings_reach_every_run_an_experiment_builds(monkeypatch, tmp_path) -> None:
+    import types
+
+    from dni_dist import reproduce as reproduce_package
+    from dni_dist.reproduce.common import build
+
+    seen = []
+
+    def run(out, quick):
+        seen.append(build("method=sg", "segments=2").config)
+        return {}
+
+    monkeypatch.setitem(reproduce_package.EXPERIMENTS, "family", types.SimpleNamespace(run=run))
+    reproduce_package.reproduce("family", tmp_path, quick=True, settings=TINY_RESNET)
+    assert (seen[0].model.kind, seen[0].model.depth, seen[0].method) == ("resnet", 8, "sg")
+    reproduce_package.reproduce("family", tmp_path, quick=True)  # the settings do not outlive the call
+    assert seen[1].model.kind == "mlp"
+
+
+def test_reproduce_with_a_bad_setting_exits_2(capsys, tmp_path) -> None:
+    assert main(["reproduce", "family", "--out", str(tmp_path), "--set", "model.kind=nope"]) == 2
+    assert "model.kind='nope'" in capsys.readouterr().err

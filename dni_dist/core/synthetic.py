@@ -112,7 +112,9 @@ class TokenSyntheticGradient(SyntheticGradient):
     def forward(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         width = self.feature_shape[0]
         if h.dim() != 3 or tuple(h.shape[1:]) != (self.positions, width):
-            raise ValueError(f"SG expects activations of shape (batch, {self.positions}, {width}), got {tuple(h.shape)}")
+            raise ValueError(
+                f"SG expects activations of shape (batch, {self.positions}, {width}), got {tuple(h.shape)}"
+            )
         tokens = h.reshape(-1, width)
         if self.conditioned:
             labels = F.one_hot(context.reshape(-1).long(), self.vocab).to(h.dtype)
@@ -213,7 +215,9 @@ def build_sg(
                 "cut the model where every position has its own vector"
             )
         if spec.kind == "conv":
-            raise ConfigError(f"sg.kind='conv' needs a feature map{at}; per-token activations take linear, lowrank or mlp")
+            raise ConfigError(
+                f"sg.kind='conv' needs a feature map{at}; per-token activations take linear, lowrank or mlp"
+            )
         token = build_sg(spec, feature_shape[1:], context_dim, where)
         return TokenSyntheticGradient(
             token.core, positions, feature_shape[1], context_dim, spec.conditioned, spec.wrapper, spec.scale

@@ -37,7 +37,6 @@ def reproduce(
     the report from the JSON files already in OUT (after re-running one experiment).
     ``settings``: config overrides (KEY=VALUE) applied last to every run, e.g. another model."""
     from dni_dist.config import load_config
-    from dni_dist.errors import ConfigError
     from dni_dist.reproduce.common import SETTINGS
 
     load_config(overrides=list(settings))  # a bad key or value fails before any experiment runs
