@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     train.add_argument("--schedule", help="async (unlocked, default) | lockstep (the local engine's order)")
     train.add_argument("--dataset", help="digits | mnist | cifar10 | artificial | mnist1d | text | digits16")
-    train.add_argument("--data-dir", dest="data_dir", help="directory of mnist / cifar10 files")
+    train.add_argument(
+        "--data-dir", dest="data_dir", help="directory of mnist / cifar10 files; text: a text file or a directory"
+    )
     train.add_argument("--epochs", help="training epochs")
     train.add_argument("--seed", help="random seed (data split, init, shuffling)")
     train.add_argument("--out", help="output directory (default runs/latest)")
@@ -203,9 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dni-dist: interrupted", file=sys.stderr)
         return 130
-    brief = {
-        k: summary[k] for k in ("method", "segments", "dataset", "test_accuracy", "samples_per_second", "wall_seconds")
-    }
+    keys = ("method", "segments", "dataset", "test_accuracy", "perplexity", "samples_per_second", "wall_seconds")
+    brief = {k: summary[k] for k in keys if k in summary}  # perplexity: language models only
     print(json.dumps(brief))
     print(f"wrote {config.out}/summary.json and {config.out}/metrics.jsonl")
     return 0

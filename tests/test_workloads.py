@@ -50,9 +50,9 @@ def test_the_transformer_learns_next_bytes_with_every_method(method: str, segmen
     assert sum(losses[-5:]) / 5 < losses[0] - 0.3, f"{method}: {losses[0]:.3f} -> {losses[-5:]}"
 
 
-# FA is not here: it barely moves a batch-norm ResNet in this budget (2.39 -> 2.31 in 80
-# steps), as FA is known to struggle with deep convnets; test_fa_with_feedback_equal_...
-# checks its gradients instead.
+# FA is not here: it barely moves this tiny batch-norm ResNet in a test's budget (loss 2.39
+# -> 2.31 in 80 steps; FA is known to be slow on deep convnets), so
+# test_fa_with_feedback_equal_to_the_weights_is_backprop checks its gradients instead.
 @pytest.mark.parametrize("method", ["backprop", "sg", "dfa"])
 @pytest.mark.parametrize("segments", [2, 3])
 def test_the_resnet_learns_digits_with_the_methods(method: str, segments: int) -> None:
