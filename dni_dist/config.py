@@ -80,6 +80,9 @@ class DataConfig:
     # as function(**kwargs), returning (x_train, y_train, x_test, y_test) in memory.
     factory: str = ""
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # data.name=text: tokens per example (the model's context length) and the corpus size cap.
+    context: int = 64
+    max_bytes: int = 1 << 20
 
 
 @dataclass
@@ -227,6 +230,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "model.depth": (0, 1000),
     "model.width": (1, 1 << 20),
     "model.channels": (1, 1 << 16),
+    "model.heads": (1, 1 << 12),
     "sg.hidden": (1, 1 << 20),
     "sg.hidden_layers": (0, 16),
     "sg.rank": (1, 1 << 20),
@@ -239,6 +243,8 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.dim": (1, 1 << 20),
     "data.samples": (8, 1 << 26),
     "data.outputs": (1, 1 << 16),
+    "data.context": (1, 1 << 16),
+    "data.max_bytes": (2, 1 << 31),
     "optim.lr": (0.0, None),
     "optim.momentum": (0.0, 1.0),
     "optim.weight_decay": (0.0, None),
@@ -481,9 +487,15 @@ def _check_cross(config: TrainConfig) -> None:
     # (With dist.micro_batches every step is still a whole data.batch_size batch.)
     m = config.model
     model_bn = not m.factory and m.kind == "mlp" and m.batch_norm and m.depth > 0
+    model_bn = model_bn or (not m.factory and m.kind == "resnet")  # batch norm in every block
     sg_bn = config.method in ("sg", "sg-prop") and config.sg.kind == "mlp" and config.sg.hidden_layers > 0
     if (model_bn or sg_bn) and batch < 2:
-        where = "model.batch_norm=true" if model_bn else "sg.kind=mlp (its hidden layers use batch norm)"
+        model_why = (
+            "model.kind=resnet (batch norm in every block)"
+            if config.model.kind == "resnet"
+            else "model.batch_norm=true"
+        )
+        where = model_why if model_bn else "sg.kind=mlp (its hidden layers use batch norm)"
         raise ConfigError(f"data.batch_size={batch} is too small for {where}; use 2 or more")
     data = config.data
     if data.name == "artificial":

@@ -39,12 +39,15 @@ class EpochEngine(Protocol):
 
 
 def evaluate(engine: EpochEngine, dataset: Dataset) -> dict[str, float]:
-    """Test loss, and test accuracy for classification."""
+    """Test loss; test accuracy for classification (per token for a language model), and
+    test perplexity for a language model."""
     task = dataset.task
     output = engine.predict(dataset.x_test)
     result = {"test_loss": float(task.loss(output, dataset.y_test))}
-    if task.kind == "classification":
-        result["test_accuracy"] = task.correct(output, dataset.y_test) / len(dataset.y_test)
+    if task.kind in ("classification", "language_model"):
+        result["test_accuracy"] = task.accuracy(output, dataset.y_test)
+    if task.per_token:
+        result["test_perplexity"] = task.perplexity(output, dataset.y_test)
     return result
 
 
@@ -168,6 +171,13 @@ def run(
         "epochs": config.epochs,
         "test_accuracy": result.get("test_accuracy"),
         "test_loss": result.get("test_loss"),
+        # Language models: the vocabulary size V (a uniform guess has perplexity V) and
+        # exp(mean test cross-entropy per token).
+        **(
+            {"vocab_size": dataset.task.n_outputs, "perplexity": result.get("test_perplexity")}
+            if dataset.task.per_token
+            else {}
+        ),
         "train_loss": sum(losses) / len(losses) if losses else None,
         "samples_per_second": samples / train_seconds if train_seconds else 0.0,
         "wall_seconds": time.perf_counter() - started,

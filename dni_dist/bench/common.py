@@ -74,7 +74,10 @@ class Spec:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "model": f"MLP {self.depth} x {self.width} ReLU",
+            "model": next(
+                (s.partition("=")[2] for s in reversed(self.extra) if s.startswith("model.kind=")),
+                f"MLP {self.depth} x {self.width} ReLU",
+            ),
             "data": list(self.data),
             "batch_size": self.batch_size,
             "optimizer": f"adam lr={self.lr:g}",

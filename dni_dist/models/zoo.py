@@ -15,8 +15,10 @@ from torch import nn
 
 from dni_dist.errors import ConfigError
 from dni_dist.models.factory import build_from_factory
+from dni_dist.models.resnet import build_resnet
+from dni_dist.models.transformer import build_transformer
 
-MODEL_KINDS: tuple[str, ...] = ("mlp", "linear", "deep_linear", "cnn")
+MODEL_KINDS: tuple[str, ...] = ("mlp", "linear", "deep_linear", "cnn", "transformer", "resnet")
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
 
@@ -34,6 +36,9 @@ class ModelSpec:
     # called as function(input_shape, n_outputs, **kwargs).
     factory: str = ""
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # transformer: attention heads per block (model.width must be a multiple). Its context
+    # length is the data's (data.context), its vocabulary the task's.
+    heads: int = 4
 
 
 def build_model(spec: ModelSpec, input_shape: tuple[int, ...], n_outputs: int) -> nn.Sequential:
@@ -56,6 +61,10 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, ...], n_outputs: int) -
         return nn.Sequential(*blocks)
     if spec.kind == "cnn":
         return _cnn(spec, input_shape, n_outputs)
+    if spec.kind == "transformer":
+        return build_transformer(spec.depth, spec.width, spec.heads, input_shape, n_outputs)
+    if spec.kind == "resnet":
+        return build_resnet(spec.depth, spec.channels, input_shape, n_outputs)
     raise ConfigError(f"model.kind={spec.kind!r} is unknown; use one of {', '.join(MODEL_KINDS)}")
 
 

@@ -13,11 +13,9 @@ import math
 
 import torch
 
-from dni_dist.builder import count_costs, load_data, plan_model
+from dni_dist.builder import count_costs, load_data, make_boundary, plan_model
 from dni_dist.config import TrainConfig
-from dni_dist.core.methods import build_boundary
 from dni_dist.core.partition import segment_loads
-from dni_dist.core.synthetic import build_sg
 from dni_dist.data import Dataset
 from dni_dist.errors import ConfigError
 
@@ -58,12 +56,7 @@ def preflight(config: TrainConfig, dataset: Dataset | None = None) -> str:
     with torch.device("meta"):
         plan = plan_model(shaped, dataset.input_shape, task)
         for k, shape in enumerate(plan.cut_shapes):
-            sg = None
-            if config.method in ("sg", "sg-prop"):
-                sg = build_sg(config.sg, shape, task.context_dim, where=f"cut {k + 1}")
-            build_boundary(
-                config.method, sg, shape, task.n_outputs, config.seed * 31 + k, config.sg_prop_alpha, config.fdg_shrink
-            )
+            make_boundary(config, task, k, shape)
     blocks = [len(segment) for segment in plan.segments]
     cuts = [sum(blocks[: i + 1]) for i in range(len(blocks) - 1)]
     params = [_count(segment) for segment in plan.segments]
