@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     rep.add_argument("--data-dir", dest="data_dir", help="MNIST IDX directory for `curves` (default: digits)")
     bench = sub.add_parser("bench", help="DNI vs backprop baselines, side by side in one run (Ray, gloo)")
-    bench.add_argument("name", help="throughput | accuracy | links | scale")
+    bench.add_argument("name", help="throughput | accuracy | links | scale | overhead")
     bench.add_argument(
         "--segments", action="append", default=[], metavar="K", help="actors K (repeatable or a comma list; default 2)"
     )

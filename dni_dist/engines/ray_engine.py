@@ -31,7 +31,7 @@ from dni_dist.engines.wiring import all_streams, streams_of
 from dni_dist.errors import ConfigError, StageLost, reason
 from dni_dist.transports.base import Stream, Transport, TransportError
 from dni_dist.transports.slow_link import SlowLinkTransport
-from dni_dist.transports.torch_dist import TorchDistTransport, free_port, init_groups, shutdown_groups
+from dni_dist.transports.torch_dist import TorchDistTransport, free_port, init_links, shutdown_groups
 
 
 class StageWorker:
@@ -92,15 +92,16 @@ class StageWorker:
             self.transport.connect(peers)
         else:
             backend = cfg.transport
-            up, down = init_groups(backend, address, port, self.index, cfg.segments, cfg.dist.timeout, self.device)
+            groups = init_links(
+                backend, address, port, self.index, cfg.segments, cfg.dist.timeout, self.device, streams
+            )
             inbound, outbound = streams_of(self.index, streams)
             wire = self.device if backend == "nccl" else torch.device("cpu")
             self.transport = TorchDistTransport(
                 self.index,
                 inbound,
                 outbound,
-                up,
-                down,
+                groups,
                 wire,
                 self.device,
                 cfg.dist.capacity,
