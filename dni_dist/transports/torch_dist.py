@@ -6,10 +6,18 @@ Design: one communicator per directed link, one thread per communicator end
 Every stream of the run (``engines/wiring.py``: activations k -> k+1, gradients k+1 -> k,
 or errors top -> k for the direct-error methods DFA and Kickback) is a *link* and gets its
 own two-rank process group (for NCCL, its own communicator and NCCL stream). On each end
-exactly one thread drives it: the sender's send thread and the receiver's receive thread
-(base.py starts one per stream). Each message is one ``batch_isend_irecv`` of header
-(kind, step), payload and, going up, labels; shapes are fixed per stream, so the receiver
-posts the matching batch before it knows what is coming.
+exactly one thread drives it: on the sender the stage's own thread, which posts each send
+(asynchronous) as the stage hands the message over, and on the receiver the link's receive
+thread. Each message is one ``batch_isend_irecv`` of header (kind, step), payload and,
+going up, labels; shapes are fixed per stream, so the receiver posts the matching batch
+before it knows what is coming. A sender keeps at most ``capacity`` messages in flight
+per link and waits for the oldest beyond that: the bounded backpressure of base.py.
+
+Why sends leave from the stage's thread (measured in ``dni-dist bench overhead``): a send
+thread costs each message a queue hand-off and a thread wake-up, and on a small machine the
+threads' Python work competes with compute for the GIL and the cores. A gloo send cannot be
+polled (``is_completed`` stays false until ``wait``, and ``wait`` with a timeout aborts the
+link), so the sender waits only when its window is full; an NCCL send is polled.
 
 Why this cannot deadlock:
 - Matching is by construction. NCCL matches point-to-point ops in call order only; on a
@@ -17,8 +25,8 @@ Why this cannot deadlock:
   No two links share a communicator, so one link's pending receive never sits in front of
   another link's send (with one group for all links, as before, a receive armed for a
   gradient blocked the send of the next activation whenever K >= 3 or a thread raced).
-- No communication op touches the compute stream. On CUDA each link thread works on its
-  own CUDA stream, so ``work.wait()`` (which makes the *current* stream wait for the NCCL
+- No communication op touches the compute stream. On CUDA each link's ops run on the
+  link's own CUDA stream, so ``work.wait()`` (which makes the *current* stream wait for the NCCL
   kernel) stalls only that link. Compute -> send is ordered by a CUDA event recorded on the
   compute stream when the stage hands a message over and waited on by the link's stream;
   a received message carries an event recorded on the link's stream after the receive,
@@ -48,6 +56,8 @@ import contextlib
 import datetime
 import os
 import socket
+import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -55,8 +65,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dni_dist.core.messages import Message
-from dni_dist.transports.base import CODE_KINDS, KIND_CODES, Stream, Transport
+from dni_dist.core.messages import Message, message_bytes
+from dni_dist.transports.base import CODE_KINDS, KIND_CODES, Stream, Transport, TransportError, TransportTimeout
 from dni_dist.transports.validate import WireViolation
 
 Link = tuple[int, int]  # (src, dst) of one directed stream
@@ -133,23 +143,72 @@ class TorchDistTransport(Transport):
         self.wire_device = wire_device  # cpu for gloo, cuda for nccl
         self.compute_device = compute_device
         self.cuda = compute_device.type == "cuda"
-        # One CUDA stream per link, used only by that link's thread on this rank.
+        self.nccl = wire_device.type == "cuda"
+        # Sends leave from the stage's thread unless they need a device-to-host copy first
+        # (gloo carrying CUDA tensors): that copy waits for the device, so a send thread does it.
+        self.inline_sends = wire_device.type == compute_device.type
+        # One CUDA stream per link, used only by that link's one thread on this rank.
         self._link_streams: dict[Link, Any] = (
             {link: torch.cuda.Stream(compute_device) for link in groups} if self.cuda else {}
         )
+        # Per outbound link, the sends posted and not yet known to be done (oldest first),
+        # with the buffer each reads (alive until then) and the message's size for the stats.
+        self._in_flight: dict[int, deque[tuple[list[Any], torch.Tensor, int]]] = {dst: deque() for dst in self.outbound}
 
-    @contextlib.contextmanager
-    def _on_link(self, stream: Stream) -> Iterator[Any]:
-        """Run this link's work on its own CUDA stream (a no-op on CPU)."""
-        if not self.cuda:
-            yield None
+    # ------------------------------------------------ the stage thread's side
+    def start(self) -> None:
+        for src, stream in self.inbound.items():
+            self._spawn(self._receive_loop, stream, self._armed[src], name=f"recv {stream.name}")
+        if not self.inline_sends:
+            for dst, stream in self.outbound.items():
+                self._spawn(self._send_loop, stream, self._outboxes[dst], name=f"send {stream.name}")
+
+    def send(self, msg: Message) -> None:
+        if not self.inline_sends:
+            super().send(msg)
             return
-        link_stream = self._link_streams[(stream.src, stream.dst)]
-        torch.cuda.set_device(self.compute_device)  # the current device is per thread
-        with torch.cuda.stream(link_stream):
-            yield link_stream
+        stream = self.outbound.get(msg.dst)
+        if stream is None:
+            raise TransportError(f"rank {self.rank} has no stream to stage {msg.dst} for a {msg.kind.value}")
+        self._check()
+        self._sent_steps.record(msg)  # before it leaves: a reply can only follow this
+        msg = self._stamp_outgoing(msg)
+        window = self._in_flight[msg.dst]
+        # As many in flight as base.py's outbox plus its send thread's message in hand.
+        while len(window) > self.capacity:  # the peer is behind: wait for the oldest send
+            self._retire(window.popleft(), time.monotonic() + SEND_WAIT_S)
+        works, buffer = self._post(stream, msg)
+        window.append((works, buffer, message_bytes(msg)))
+        if self.nccl:  # done sends free their buffers now; a gloo send cannot be polled
+            while window and all(w.is_completed() for w in window[0][0]):
+                self.stats.add(True, window.popleft()[2])
 
-    # ------------------------------------------------- the compute thread's side
+    def flush(self, timeout: float) -> None:
+        if not self.inline_sends:
+            super().flush(timeout)
+            return
+        deadline = time.monotonic() + timeout
+        for window in self._in_flight.values():
+            while window:
+                self._retire(window.popleft(), deadline)
+
+    @property
+    def queued(self) -> int:
+        return super().queued + sum(len(w) for w in self._in_flight.values())
+
+    def _retire(self, entry: tuple[list[Any], torch.Tensor, int], deadline: float) -> None:
+        works, _buffer, nbytes = entry
+        if self.nccl:  # poll: the host never synchronises with the device
+            while not all(w.is_completed() for w in works):
+                self._check()
+                if time.monotonic() > deadline:
+                    raise TransportTimeout(f"rank {self.rank}: a send did not complete in time")
+                time.sleep(1e-4)
+        else:
+            for work in works:  # gloo: the only way to learn a send is done (see the note above)
+                work.wait()
+        self.stats.add(True, nbytes)
+
     def _stamp_outgoing(self, msg: Message) -> Message:
         if not self.cuda:
             return msg
@@ -168,44 +227,52 @@ class TorchDistTransport(Transport):
             msg.labels.record_stream(compute)
         return msg
 
-    # ------------------------------------------------------ the link threads
-    def _send_one(self, stream: Stream, msg: Message) -> None:
-        group = self.groups[(stream.src, stream.dst)]
+    # ---------------------------------------------------------- both sides
+    @contextlib.contextmanager
+    def _on_link(self, stream: Stream) -> Iterator[Any]:
+        """Run this link's work on its own CUDA stream (a no-op on CPU)."""
+        if not self.cuda:
+            yield None
+            return
+        link_stream = self._link_streams[(stream.src, stream.dst)]
+        torch.cuda.set_device(self.compute_device)  # the current device is per thread
+        with torch.cuda.stream(link_stream):
+            yield link_stream
+
+    def _post(self, stream: Stream, msg: Message) -> tuple[list[Any], torch.Tensor]:
+        """Pack the message into its link's fixed layout and post the send."""
+        layout = Layout.of(stream)
         with self._on_link(stream) as link_stream:
             ready = getattr(msg, "ready", None)
             if ready is not None:
                 link_stream.wait_event(ready)
-            header = torch.tensor([KIND_CODES[msg.kind], msg.step], dtype=torch.long).to(self.wire_device)
-            tensors = [header, self._to_wire(msg.tensor, link_stream)]
+            buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.wire_device)
+            # Pinned for NCCL, so the 16-byte copy is queued, never a wait on the link stream.
+            header = torch.empty(2, dtype=torch.long, pin_memory=self.nccl)
+            header[0], header[1] = KIND_CODES[msg.kind], msg.step
+            layout.header(buffer).copy_(header, non_blocking=True)
+            layout.payload(buffer).copy_(msg.tensor.detach(), non_blocking=self.inline_sends)
             if stream.up:
                 assert msg.labels is not None
-                tensors.append(self._to_wire(msg.labels, link_stream))
-            ops = [dist.P2POp(dist.isend, t, stream.dst, group) for t in tensors]
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()  # CPU: until sent; CUDA: the link stream waits, the host does not
+                layout.labels(buffer).copy_(msg.labels, non_blocking=self.inline_sends)
+            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, buffer, stream.dst, self.groups[layout.link])])
+            return works, buffer
 
-    def _to_wire(self, tensor: torch.Tensor, link_stream: Any) -> torch.Tensor:
-        tensor = tensor.detach()
-        if link_stream is not None and tensor.is_cuda:
-            tensor.record_stream(link_stream)  # made on the compute stream, read on this one
-        return tensor.to(self.wire_device).contiguous()  # gloo from a GPU: a copy on this link's stream
+    def _send_one(self, stream: Stream, msg: Message) -> None:
+        """The send thread's way (gloo carrying CUDA tensors): the copy to the host waits here."""
+        works, _buffer = self._post(stream, msg)
+        for work in works:
+            work.wait()
 
     def _receive_one(self, stream: Stream) -> Message:
-        group = self.groups[(stream.src, stream.dst)]
+        layout = Layout.of(stream)
         with self._on_link(stream) as link_stream:
-            header = torch.empty(2, dtype=torch.long, device=self.wire_device)
-            payload = torch.empty(stream.shape, dtype=torch.float32, device=self.wire_device)
-            tensors = [header, payload]
-            labels = None
-            if stream.up:
-                labels = torch.empty(stream.labels_shape, dtype=stream.labels_dtype, device=self.wire_device)
-                tensors.append(labels)
-            ops = [dist.P2POp(dist.irecv, t, stream.src, group) for t in tensors]
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-            code, step = (int(v) for v in header.tolist())  # CUDA: waits for this link's stream only
-            payload = payload.to(self.compute_device, non_blocking=True)
-            labels = None if labels is None else labels.to(self.compute_device, non_blocking=True)
+            buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.wire_device)
+            for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, buffer, stream.src, self.groups[layout.link])]):
+                work.wait()  # CPU: until received; CUDA: the link stream waits, the host does not
+            code, step = (int(v) for v in layout.header(buffer).tolist())  # CUDA: waits for this link only
+            payload = layout.payload(buffer).to(self.compute_device, non_blocking=True)
+            labels = layout.labels(buffer).to(self.compute_device, non_blocking=True) if stream.up else None
             ready = None
             if link_stream is not None:
                 ready = torch.cuda.Event()
@@ -213,6 +280,61 @@ class TorchDistTransport(Transport):
         if code not in CODE_KINDS:  # the rest is checked in the receive loop (validate.py)
             raise WireViolation(f"stream {stream.name}: step {step}: header kind code {code} is not a message kind")
         return StampedMessage(CODE_KINDS[code], step, stream.src, stream.dst, payload, labels, ready)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One message as one byte buffer: the (kind, step) header, the payload, the labels
+    (8-byte aligned); fixed per stream, so one send and one receive per message."""
+
+    link: Link
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    labels_shape: tuple[int, ...]
+    labels_dtype: torch.dtype
+    labels_at: int
+    nbytes: int
+
+    @classmethod
+    def of(cls, stream: Stream) -> Layout:
+        dtype = getattr(stream, "dtype", torch.float32)  # the stream's wire dtype where it has one
+        payload_bytes = _numel(stream.shape) * _itemsize(dtype)
+        labels_at = HEADER_BYTES + -(-payload_bytes // 8) * 8
+        labels_bytes = _numel(stream.labels_shape) * _itemsize(stream.labels_dtype) if stream.up else 0
+        return cls(
+            (stream.src, stream.dst),
+            stream.shape,
+            dtype,
+            stream.labels_shape,
+            stream.labels_dtype,
+            labels_at,
+            labels_at + labels_bytes,
+        )
+
+    def header(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer[:HEADER_BYTES].view(torch.long)
+
+    def payload(self, buffer: torch.Tensor) -> torch.Tensor:
+        end = HEADER_BYTES + _numel(self.shape) * _itemsize(self.dtype)
+        return buffer[HEADER_BYTES:end].view(self.dtype).view(self.shape)
+
+    def labels(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer[self.labels_at : self.nbytes].view(self.labels_dtype).view(self.labels_shape)
+
+
+HEADER_BYTES = 16  # (kind, step) as two int64
+SEND_WAIT_S = 3600.0  # gloo: the process group's own timeout ends a send to a dead peer first
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def shutdown_groups() -> None:
