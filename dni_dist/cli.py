@@ -141,7 +141,8 @@ def _bench(args: argparse.Namespace) -> int:
     md = out / f"{args.name}.md"
     if md.exists():
         print(md.read_text(), end="")
-    print(f"wrote {args.name}.json, .md and .png in {out}")
+    written = [f"{args.name}.{ext}" for ext in ("json", "md", "png") if (out / f"{args.name}.{ext}").exists()]
+    print(f"wrote {', '.join(written)} in {out}")
     return 0
 
 

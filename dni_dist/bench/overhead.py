@@ -1,18 +1,22 @@
 """``dni-dist bench overhead``: what the Ray engine costs per step over the stages' compute.
 
 One run trains the same config (digits, the default model and method, K=2 unless
-``--segments`` says otherwise) on the local engine (with one torch thread, and with as many
-as the K actors have CPUs together; the faster is the reference) and on the Ray engine,
-their epochs interleaved so that the load of a shared machine hits each alike; the first
-epoch of each is left out as warm-up. For every stage it reports the stage's
-own compute (forward, backward, SG, updates: ``stats.compute_seconds``) and its wall time
-per step; the difference is what the engine costs that stage (waiting on a peer included).
+``--segments`` says otherwise) on the local engine (one torch thread, as each actor has)
+and on the Ray engine, their epochs interleaved so that the load of a shared machine hits
+each alike; the first epoch of each is left out as warm-up. Besides wall time it reports
+CPU time per step (every thread of the driver, or of each actor process, from /proc): on
+a shared machine wall time moves with the neighbours' load, CPU time hardly does, so the
+engine's CPU per step over the local engine's is the steadier measure of its overhead.
+For every stage it reports the stage's own compute (forward, backward, SG, updates:
+``stats.compute_seconds``) and its wall time per step; the difference is what the engine
+costs that stage (waiting on a peer included).
 The headline figures are the Ray engine's samples/s over the local engine's and every
 stage's busy fraction (compute / wall). Writes OUT/overhead.json and OUT/overhead.md.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -44,6 +48,7 @@ class _Timed:
         self.walls: list[float] = []
         self.computes: list[list[float]] = []
         self.stage_walls: list[list[float]] = []
+        self.cpus: list[list[float]] = []  # CPU seconds per step: the driver's, or each actor process's
 
     def epoch(self, epoch: int) -> None:
         steps = self.steps
@@ -52,6 +57,10 @@ class _Timed:
             previous = torch.get_num_threads()
             torch.set_num_threads(self.threads)
             before = [s.stats.compute_seconds for s in self.run.engine.stages]
+            cpu = [time.process_time()]
+        else:
+            pids = self.run.pids()
+            cpu = [_process_cpu(pid) for pid in pids]
         tick = time.perf_counter()
         try:
             self.run.train_epoch(epoch)
@@ -63,17 +72,36 @@ class _Timed:
         if local:
             stages = self.run.engine.stages
             self.computes.append([(s.stats.compute_seconds - b) / steps for s, b in zip(stages, before, strict=True)])
+            self.cpus.append([(time.process_time() - cpu[0]) / steps])
         else:
             report = self.run.epoch_reports[-1]
             self.computes.append([r["busy_fraction"] * r["wall_seconds"] / steps for r in report])
             self.stage_walls.append([r["wall_seconds"] / steps for r in report])
+            self.cpus.append([(_process_cpu(pid) - c) / steps for pid, c in zip(pids, cpu, strict=True)])
 
     def summary(self, batch: int, warmup: int) -> dict[str, Any]:
         walls = self.stage_walls[warmup:] if self.stage_walls else None
         out = _summarise(self.name, self.walls[warmup:], self.computes[warmup:], walls, self.steps, batch)
         if self.threads:
             out["torch_threads"] = self.threads
+        cpus = self.cpus[warmup:]
+        # CPU time counts every thread (transport, gloo, Ray) and hardly moves with the load of
+        # a shared machine, unlike wall time: the engine's cost in CPU per step.
+        out["cpu_ms_per_step"] = round(sum(1e3 * statistics.median(c[i] for c in cpus) for i in range(len(cpus[0]))), 3)
+        out["cpu_ms_per_step_by_process"] = [
+            round(1e3 * statistics.median(c[i] for c in cpus), 3) for i in range(len(cpus[0]))
+        ]
         return out
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process, every thread included (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0  # not Linux, or on another node: no figure
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(local_cfg: TrainConfig, ray_cfg: TrainConfig, windows: int, threads: list[int]) -> list[dict[str, Any]]:
@@ -161,7 +189,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     import ray
 
-    threads = sorted({1, max(1, round(k * cpus))})  # one actor's CPUs, and all the actors' CPUs
+    threads = [1]  # as each actor has (with 2 threads on a loaded 2-core machine it ran 10-60x slower)
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=max(1, round(k * cpus + 0.49)), include_dashboard=False, log_to_driver=False)
@@ -209,20 +237,25 @@ def markdown(payload: dict[str, Any]) -> str:
         f"- {s['windows']} epochs per engine, the first left out; medians of the rest",
         f"- machine: {m['cpu_count']} CPUs, torch {m['torch']}, {m['date']}",
         "",
-        "| engine | ms/step | samples/s | overhead ms/step | stage | compute ms/step | wall ms/step | busy |",
-        "|---|---|---|---|---|---|---|---|",
+        "| engine | ms/step | samples/s | overhead ms/step | CPU ms/step | stage | compute ms/step | wall ms/step "
+        "| busy | process CPU ms/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in payload["engines"]:
         name = e["engine"]
+        by_process = e["cpu_ms_per_step_by_process"]
         for st in e["stages"]:
+            i = st["stage"]
             head = (
                 f"| {name} | {e['ms_per_step']:.2f} | {e['samples_per_second']:.0f} | {e['overhead_ms_per_step']:.2f} "
-                if st["stage"] == 0
-                else "| | | | "
+                f"| {e['cpu_ms_per_step']:.2f} "
+                if i == 0
+                else "| | | | | "
             )
+            process = f"{by_process[i]:.2f}" if len(by_process) > 1 else ("(one process)" if i == 0 else "")
             lines.append(
-                head + f"| {st['stage']} | {st['compute_ms_per_step']:.2f} | {st['wall_ms_per_step']:.2f} | "
-                f"{st['busy_fraction']:.2f} |"
+                head + f"| {i} | {st['compute_ms_per_step']:.2f} | {st['wall_ms_per_step']:.2f} | "
+                f"{st['busy_fraction']:.2f} | {process} |"
             )
     lines += [
         "",

@@ -1,53 +1,57 @@
 """Point-to-point over torch.distributed: NCCL between GPUs, gloo on CPU (or on host
-copies of CUDA tensors, when stages share one GPU).
+copies of CUDA tensors, when stages share one GPU: gloo point-to-point takes CPU tensors).
 
 Design: one communicator per directed link, one thread per communicator end
--------------------------------------------------------------------------------
+---------------------------------------------------------------------------
 Every stream of the run (``engines/wiring.py``: activations k -> k+1, gradients k+1 -> k,
 or errors top -> k for the direct-error methods DFA and Kickback) is a *link* and gets its
 own two-rank process group (for NCCL, its own communicator and NCCL stream). On each end
-exactly one thread drives it: on the sender the stage's own thread, which posts each send
-(asynchronous) as the stage hands the message over, and on the receiver the link's receive
-thread. Each message is one ``batch_isend_irecv`` of header (kind, step), payload and,
-going up, labels; shapes are fixed per stream, so the receiver posts the matching batch
-before it knows what is coming. A sender keeps at most ``capacity`` messages in flight
-per link and waits for the oldest beyond that: the bounded backpressure of base.py.
+exactly one thread drives it: the link's receive thread on the receiver; on the sender
+the stage's own thread, which posts each send (asynchronous) as the stage hands the message
+over, or, for gloo carrying CUDA tensors, the link's send thread (the copy to the host
+waits for the device, which the stage's thread must never do). Each message is one buffer
+packing header (kind, step), payload and, going up, labels (``Layout``): one ``isend``,
+one ``irecv``. Shapes are fixed per stream, so the receiver posts the matching receive
+before it knows what comes. A sender keeps at most ``capacity`` + 1 messages in flight per
+link and waits for the oldest beyond that: base.py's bounded backpressure.
 
-Why sends leave from the stage's thread (measured in ``dni-dist bench overhead``): a send
-thread costs each message a queue hand-off and a thread wake-up, and on a small machine the
-threads' Python work competes with compute for the GIL and the cores. A gloo send cannot be
-polled (``is_completed`` stays false until ``wait``, and ``wait`` with a timeout aborts the
-link), so the sender waits only when its window is full; an NCCL send is polled.
+Why sends leave from the stage's thread (``dni-dist bench overhead``): a send thread costs
+each message a queue hand-off and a thread wake-up, and on a small machine the threads'
+Python work competes with compute for the GIL and the cores. A gloo send cannot be polled
+(``is_completed`` stays false until ``wait``; ``wait`` with a timeout aborts the link), so
+the sender waits only when its window is full; an NCCL send is polled, never waited on.
 
 Why this cannot deadlock:
 - Matching is by construction. NCCL matches point-to-point ops in call order only; on a
-  link only one thread per end calls, one batch per message, in the stream's order.
-  No two links share a communicator, so one link's pending receive never sits in front of
-  another link's send (with one group for all links, as before, a receive armed for a
-  gradient blocked the send of the next activation whenever K >= 3 or a thread raced).
-- No communication op touches the compute stream. On CUDA each link's ops run on the
-  link's own CUDA stream, so ``work.wait()`` (which makes the *current* stream wait for the NCCL
-  kernel) stalls only that link. Compute -> send is ordered by a CUDA event recorded on the
-  compute stream when the stage hands a message over and waited on by the link's stream;
-  a received message carries an event recorded on the link's stream after the receive,
-  which the compute stream waits on when the stage takes the message (``record_stream``
-  tells the caching allocator about the cross-stream use). Nothing synchronises the device.
+  link one thread per end calls, one op per message, in the stream's order. No two links
+  share a communicator, so a pending receive on one link never sits in front of a send on
+  another (with one group for every link, as before, a receive armed for a gradient
+  blocked the send of the next activation, and threads raced on one communicator).
+- No communication op runs on the compute stream. On CUDA each link's ops run on the
+  link's own CUDA stream, so ``work.wait()`` (which makes the *current* stream wait for
+  the NCCL kernel) stalls only that link. Compute -> send is ordered by a CUDA event
+  recorded on the compute stream when the stage hands a message over, which the link's
+  stream waits on; a received message carries an event recorded on the link's stream
+  after the receive, which the compute stream waits on when the stage takes it
+  (``record_stream`` tells the caching allocator about the cross-stream use). Nothing
+  synchronises the device; the header is copied from pinned memory.
 - Creation order: ``new_group`` is collective over the world, so every rank creates every
   link's group (also those it is not in), in one order (sorted by (src, dst)).
 - Receivers are armed only for messages that will come (``expect``), and queues are
   bounded (base.py), so shutdown never waits on a receive nobody answers.
 
-The only host read-back is the 16-byte header, read by the link's receive thread after
-its own stream finished the receive: it blocks that thread, never compute (the stage loop
-needs the kind and step to route a message).
+The only host read-back is the 16-byte header, read by the link's receive thread once its
+own stream finished the receive: it blocks that thread, never compute (the stage loop
+needs the kind and step to route a message). Tested over gloo on CPU (K=4, every method:
+tests/test_link_groups.py); NCCL itself needs a GPU per rank and has not run here.
 
 Why not Ray Direct Transport (``@ray.method(tensor_transport="nccl")``, Ray 2.60)? It is
-alpha; each tensor still moves per actor-method call and object ref (about 1 ms of control
-plane per call here, against 0.1 ms for a gloo message), so it fits request/response, not
-a free-running stream; its NCCL path goes through ``ray.util.collective`` (cupy, not
-installed); and our actors are threaded (``max_concurrency=2``, for snapshots during an
-epoch), which RDT's docs exclude. torch.distributed P2P is what we can make correct by
-construction, and the same code runs over gloo on CPU, so CPU tests exercise it.
+alpha; each tensor moves per actor-method call and object ref (about 1 ms of control
+plane per call here, against 0.1 ms for a gloo message), which fits request and response,
+not a free-running stream; its collective path goes through ``ray.util.collective`` (NCCL
+there needs cupy, not installed); and our actors are threaded (``max_concurrency=2``, for
+snapshots during an epoch), which RDT excludes. torch.distributed P2P can be made correct
+by construction, and the same code runs over gloo, so CPU tests exercise it.
 """
 
 from __future__ import annotations
@@ -255,8 +259,8 @@ class TorchDistTransport(Transport):
             if stream.up:
                 assert msg.labels is not None
                 layout.labels(buffer).copy_(msg.labels, non_blocking=self.inline_sends)
-            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, buffer, stream.dst, self.groups[layout.link])])
-            return works, buffer
+            work = dist.isend(buffer, stream.dst, group=self.groups[layout.link])
+            return [work], buffer
 
     def _send_one(self, stream: Stream, msg: Message) -> None:
         """The send thread's way (gloo carrying CUDA tensors): the copy to the host waits here."""
@@ -268,8 +272,8 @@ class TorchDistTransport(Transport):
         layout = Layout.of(stream)
         with self._on_link(stream) as link_stream:
             buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.wire_device)
-            for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, buffer, stream.src, self.groups[layout.link])]):
-                work.wait()  # CPU: until received; CUDA: the link stream waits, the host does not
+            # CPU: until received; CUDA: the link stream waits, the host does not.
+            dist.irecv(buffer, stream.src, group=self.groups[layout.link]).wait()
             code, step = (int(v) for v in layout.header(buffer).tolist())  # CUDA: waits for this link only
             payload = layout.payload(buffer).to(self.compute_device, non_blocking=True)
             labels = layout.labels(buffer).to(self.compute_device, non_blocking=True) if stream.up else None
