@@ -179,9 +179,10 @@ class TorchDistTransport(Transport):
         msg = self._stamp_outgoing(msg)
         window = self._in_flight[msg.dst]
         # As many in flight as base.py's outbox plus its send thread's message in hand.
-        while len(window) > self.capacity:  # the peer is behind: wait for the oldest send
-            self._retire(window.popleft(), time.monotonic() + SEND_WAIT_S)
-        works, buffer = self._post(stream, msg)
+        with self._link_failure(stream):
+            while len(window) > self.capacity:  # the peer is behind: wait for the oldest send
+                self._retire(window.popleft(), time.monotonic() + SEND_WAIT_S)
+            works, buffer = self._post(stream, msg)
         window.append((works, buffer, message_bytes(msg)))
         if self.nccl:  # done sends free their buffers now; a gloo send cannot be polled
             while window and all(w.is_completed() for w in window[0][0]):
@@ -192,13 +193,24 @@ class TorchDistTransport(Transport):
             super().flush(timeout)
             return
         deadline = time.monotonic() + timeout
-        for window in self._in_flight.values():
-            while window:
-                self._retire(window.popleft(), deadline)
+        for dst, window in self._in_flight.items():
+            with self._link_failure(self.outbound[dst]):
+                while window:
+                    self._retire(window.popleft(), deadline)
 
     @property
     def queued(self) -> int:
         return super().queued + sum(len(w) for w in self._in_flight.values())
+
+    @contextlib.contextmanager
+    def _link_failure(self, stream: Stream) -> Iterator[None]:
+        """A send failing in the stage's thread reads as a send thread's failure would (base.py)."""
+        try:
+            yield
+        except (TransportError, TransportTimeout):
+            raise
+        except RuntimeError as exc:  # gloo / NCCL: the peer went away, or the link broke
+            raise TransportError(f"rank {self.rank}: stream {stream.name} failed: {exc!r}") from exc
 
     def _retire(self, entry: tuple[list[Any], torch.Tensor, int], deadline: float) -> None:
         works, _buffer, nbytes = entry
