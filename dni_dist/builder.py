@@ -19,8 +19,9 @@ from dni_dist.core.staleness import StalenessPolicy
 from dni_dist.core.synthetic import build_sg
 from dni_dist.core.tasks import Task
 from dni_dist.data import Dataset, load_dataset
+from dni_dist.data.factory import load_from_factory
 from dni_dist.errors import ConfigError
-from dni_dist.models import build_model
+from dni_dist.models import MODEL_KINDS, build_model
 
 
 def make_optimizer(
@@ -36,14 +37,34 @@ def make_optimizer(
 
 def load_data(config: TrainConfig) -> Dataset:
     d = config.data
-    dataset = load_dataset(
-        d.name, config.seed, d.path, d.download, d.task, d.dim, d.labels, d.samples, d.outputs, d.grid
-    )
-    loss = d.loss
+    if d.factory:
+        dataset = load_from_factory(d.factory, d.kwargs)
+    else:
+        dataset = load_dataset(
+            d.name,
+            config.seed,
+            d.path,
+            d.download,
+            d.task,
+            d.dim,
+            d.labels,
+            d.samples,
+            d.outputs,
+            d.grid,
+            context=d.context,
+            max_bytes=d.max_bytes,
+        )
+    return with_loss(config, dataset)
+
+
+def with_loss(config: TrainConfig, dataset: Dataset) -> Dataset:
+    """``dataset`` with the loss ``data.loss`` and the method ask for."""
+    loss = config.data.loss
     # Softmax errors sum to zero per example, so Kickback's signal e 1^T vanishes under log
     # loss (only round-off is left, which Adam amplifies into drift). Its paper used a
     # squared error; that is what the automatic choice picks for it.
-    degenerate = config.method == "kickback" and dataset.task.kind == "classification" and dataset.task.n_outputs > 1
+    one_hot = dataset.task.kind in ("classification", "language_model")
+    degenerate = config.method == "kickback" and one_hot and dataset.task.n_outputs > 1
     if degenerate and loss == "log":
         raise ConfigError(
             "method=kickback with data.loss=log gives a zero signal (softmax errors sum to zero); "
@@ -67,14 +88,26 @@ class Plan:
 def plan_model(config: TrainConfig, input_shape: tuple[int, ...], task: Task) -> Plan:
     torch.manual_seed(config.seed)
     m = config.model
+    # Token models and token data go together: a transformer reads integer tokens and
+    # predicts one per position; the other zoo models read real-valued inputs.
+    if not m.factory and (m.kind == "transformer") != task.per_token and m.kind in MODEL_KINDS:
+        raise ConfigError(
+            f"model.kind={m.kind!r} does not fit a {task.kind} task; "
+            + (
+                "use a language-modelling set (data.name=text)"
+                if m.kind == "transformer"
+                else "use model.kind=transformer"
+            )
+        )
     model = build_model(m, input_shape, task.n_outputs)
     if config.method == "fa":
         to_feedback_alignment(model, seed=config.seed + 7)
     n_blocks = len(model)
     if config.segments > n_blocks + (config.cuts is not None):
+        model_name = f"model.factory={m.factory!r}" if m.factory else f"model.kind={m.kind!r} with depth {m.depth}"
         raise ConfigError(
-            f"segments={config.segments} is impossible: model.kind={m.kind!r} with depth {m.depth} has {n_blocks} "
-            f"blocks; use segments <= {n_blocks} or a deeper model (model.depth)"
+            f"segments={config.segments} is impossible: {model_name} has {n_blocks} "
+            f"blocks; use segments <= {n_blocks} or a deeper model"
         )
     cuts = config.cuts if config.cuts is not None else balance_cuts(config, model, input_shape, task)
     segments = partition(model, config.segments, cuts)
@@ -122,9 +155,16 @@ def make_boundary(config: TrainConfig, task: Task, k: int, shape: tuple[int, ...
     """The boundary at cut k + 1 (owned by stage k), for activations of ``shape``."""
     sg = None
     if config.method in ("sg", "sg-prop"):
-        sg = build_sg(config.sg, shape, task.context_dim, where=f"cut {k + 1}")
+        sg = build_sg(config.sg, shape, task.context_dim, where=f"cut {k + 1}", positions=task.positions)
     return build_boundary(
-        config.method, sg, shape, task.n_outputs, config.seed * 31 + k, config.sg_prop_alpha, config.fdg_shrink
+        config.method,
+        sg,
+        shape,
+        task.n_outputs,
+        config.seed * 31 + k,
+        config.sg_prop_alpha,
+        config.fdg_shrink,
+        positions=task.positions,
     )
 
 

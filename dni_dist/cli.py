@@ -55,8 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--transport", help="gloo (CPU) | nccl (one GPU per segment) | grpc, for runtime=ray")
     train.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     train.add_argument("--schedule", help="async (unlocked, default) | lockstep (the local engine's order)")
-    train.add_argument("--dataset", help="digits | mnist | cifar10 | artificial | mnist1d")
-    train.add_argument("--data-dir", dest="data_dir", help="directory of mnist / cifar10 files")
+    train.add_argument("--dataset", help="digits | mnist | cifar10 | artificial | mnist1d | text | digits16")
+    train.add_argument(
+        "--data-dir", dest="data_dir", help="directory of mnist / cifar10 files; text: a text file or a directory"
+    )
     train.add_argument("--epochs", help="training epochs")
     train.add_argument("--seed", help="random seed (data split, init, shuffling)")
     train.add_argument("--out", help="output directory (default runs/latest)")
@@ -76,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--quick", action="store_true", help="CI size: seconds to a minute each")
     rep.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     rep.add_argument("--data-dir", dest="data_dir", help="MNIST IDX directory for `curves` (default: digits)")
+    rep.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run, applied last, e.g. --set model.kind=resnet (repeatable)",
+    )
     bench = sub.add_parser("bench", help="DNI vs backprop baselines, side by side in one run (Ray, gloo)")
     bench.add_argument("name", help="throughput | accuracy | links | scale | overhead")
     bench.add_argument(
@@ -152,7 +162,14 @@ def _reproduce(args: argparse.Namespace) -> int:
     from dni_dist.reproduce import reproduce
 
     out = Path(args.out)
-    reproduce(args.name, out, args.quick, args.data_dir, progress=lambda n: print(f"reproducing {n} ...", flush=True))
+    reproduce(
+        args.name,
+        out,
+        args.quick,
+        args.data_dir,
+        progress=lambda n: print(f"reproducing {n} ...", flush=True),
+        settings=tuple(args.settings),
+    )
     written = "report.md and " if args.name in ("all", "report") else ""
     print(f"wrote {written}the JSON and PNG files in {out}")
     return 0
@@ -189,9 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dni-dist: interrupted", file=sys.stderr)
         return 130
-    brief = {
-        k: summary[k] for k in ("method", "segments", "dataset", "test_accuracy", "samples_per_second", "wall_seconds")
-    }
+    keys = ("method", "segments", "dataset", "test_accuracy", "perplexity", "samples_per_second", "wall_seconds")
+    brief = {k: summary[k] for k in keys if k in summary}  # perplexity: language models only
     print(json.dumps(brief))
     print(f"wrote {config.out}/summary.json and {config.out}/metrics.jsonl")
     return 0

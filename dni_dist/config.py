@@ -7,6 +7,7 @@ with one line naming the field, the value and what is allowed.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 import math
@@ -15,12 +16,14 @@ import re
 import threading
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dni_dist.core.imports import check_spec
 from dni_dist.core.methods import METHODS
 from dni_dist.core.partition import BALANCES
 from dni_dist.core.stage import TARGET_MODES
@@ -73,6 +76,13 @@ class DataConfig:
     samples: int = 1000
     outputs: int = 1
     grid: bool = False
+    # A user's data instead of ``name`` (data/factory.py): "package.module:function", called
+    # as function(**kwargs), returning (x_train, y_train, x_test, y_test) in memory.
+    factory: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # data.name=text: tokens per example (the model's context length) and the corpus size cap.
+    context: int = 64
+    max_bytes: int = 1 << 20
 
 
 @dataclass
@@ -220,6 +230,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "model.depth": (0, 1000),
     "model.width": (1, 1 << 20),
     "model.channels": (1, 1 << 16),
+    "model.heads": (1, 1 << 12),
     "sg.hidden": (1, 1 << 20),
     "sg.hidden_layers": (0, 16),
     "sg.rank": (1, 1 << 20),
@@ -232,6 +243,8 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.dim": (1, 1 << 20),
     "data.samples": (8, 1 << 26),
     "data.outputs": (1, 1 << 16),
+    "data.context": (1, 1 << 16),
+    "data.max_bytes": (2, 1 << 31),
     "optim.lr": (0.0, None),
     "optim.momentum": (0.0, 1.0),
     "optim.weight_decay": (0.0, None),
@@ -264,6 +277,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return None
         annotation = next(a for a in args if a is not type(None))
         origin = typing.get_origin(annotation)
+    if origin is dict:
+        return _mapping(key, value)
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{key}={value!r} must be a list of integers, e.g. {key}=[2,4]")
@@ -302,6 +317,28 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
 
 
+def _mapping(key: str, value: Any) -> dict[str, Any]:
+    """A factory's keyword arguments: names that Python accepts as keywords, any YAML values."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}={value!r} must be a mapping of keyword arguments, e.g. {key}.width=64")
+    for name, item in value.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{key}: {name!r} is not a keyword argument name")
+        if not _plain(item):  # it goes into summary.json and saved models
+            raise ConfigError(f"{key}.{name}={item!r} must be plain data: numbers, text, booleans, lists, mappings")
+    return dict(value)
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
 def _apply(target: Any, updates: dict[str, Any], prefix: str = "") -> None:
     hints = typing.get_type_hints(type(target))
     for name, value in updates.items():
@@ -314,6 +351,8 @@ def _apply(target: Any, updates: dict[str, Any], prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{key} must be a mapping of its fields, got {value!r}")
             _apply(current, value, prefix=f"{key}.")
+        elif isinstance(current, dict):  # factory kwargs: each file or --set adds its keys
+            setattr(target, name, {**current, **_coerce(key, value, hints[name])})
         else:
             setattr(target, name, _coerce(key, value, hints[name]))
 
@@ -353,6 +392,12 @@ def _check(config: TrainConfig) -> None:
             span = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
             raise ConfigError(f"{key}={value} is out of range; allowed {span}")
     _check_strings(flat)
+    for section in ("model", "data"):
+        factory, kwargs = flat[f"{section}.factory"], flat[f"{section}.kwargs"]
+        if factory:
+            check_spec(f"{section}.factory", factory)
+        elif kwargs:
+            raise ConfigError(f"{section}.kwargs={kwargs!r} needs {section}.factory: they are its keyword arguments")
     _check_cross(config)
     if config.transport == "grpc":
         _check_grpc_security(config.dist)
@@ -440,10 +485,17 @@ def _check_cross(config: TrainConfig) -> None:
     batch = config.data.batch_size
     # Batch norm in training mode needs two examples per batch: one alone has no variance.
     # (With dist.micro_batches every step is still a whole data.batch_size batch.)
-    model_bn = config.model.kind == "mlp" and config.model.batch_norm and config.model.depth > 0
+    m = config.model
+    model_bn = not m.factory and m.kind == "mlp" and m.batch_norm and m.depth > 0
+    model_bn = model_bn or (not m.factory and m.kind == "resnet")  # batch norm in every block
     sg_bn = config.method in ("sg", "sg-prop") and config.sg.kind == "mlp" and config.sg.hidden_layers > 0
     if (model_bn or sg_bn) and batch < 2:
-        where = "model.batch_norm=true" if model_bn else "sg.kind=mlp (its hidden layers use batch norm)"
+        model_why = (
+            "model.kind=resnet (batch norm in every block)"
+            if config.model.kind == "resnet"
+            else "model.batch_norm=true"
+        )
+        where = model_why if model_bn else "sg.kind=mlp (its hidden layers use batch norm)"
         raise ConfigError(f"data.batch_size={batch} is too small for {where}; use 2 or more")
     data = config.data
     if data.name == "artificial":
@@ -500,5 +552,14 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         for k in reversed(keys):
             nested = {k: nested}
         _apply(config, nested)
+    _check(config)
+    return config
+
+
+def config_from(values: Mapping[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """``base`` (or the defaults) updated by a nested mapping of keys, as a YAML file would
+    be (``{"segments": 3, "sg": {"kind": "mlp"}}``); then validate all. For Python callers."""
+    config = copy.deepcopy(base) if base is not None else TrainConfig()
+    _apply(config, dict(values))
     _check(config)
     return config

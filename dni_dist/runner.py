@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,20 +39,24 @@ class EpochEngine(Protocol):
 
 
 def evaluate(engine: EpochEngine, dataset: Dataset) -> dict[str, float]:
-    """Test loss, and test accuracy for classification."""
+    """Test loss; test accuracy for classification (per token for a language model), and
+    test perplexity for a language model."""
     task = dataset.task
     output = engine.predict(dataset.x_test)
     result = {"test_loss": float(task.loss(output, dataset.y_test))}
-    if task.kind == "classification":
-        result["test_accuracy"] = task.correct(output, dataset.y_test) / len(dataset.y_test)
+    if task.kind in ("classification", "language_model"):
+        result["test_accuracy"] = task.accuracy(output, dataset.y_test)
+    if task.per_token:
+        result["test_perplexity"] = task.perplexity(output, dataset.y_test)
     return result
 
 
-def make_engine(config: TrainConfig, dataset: Dataset) -> EpochEngine:
+def make_engine(config: TrainConfig, dataset: Dataset, in_memory: bool = False) -> EpochEngine:
+    """``in_memory``: the data came from the caller, not from the config."""
     if config.runtime == "ray":
         from dni_dist.engines.ray_engine import RayRun  # Ray is imported only when used
 
-        return RayRun(config, dataset)
+        return RayRun(config, dataset, in_memory)
     from dni_dist.engines.local_run import LocalRun
 
     return LocalRun(config, dataset)
@@ -63,11 +68,30 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+@dataclass
+class Trained:
+    """A finished run: its summary and, when asked for, each stage's trained segment state."""
+
+    summary: dict[str, Any]
+    dataset: Dataset
+    segment_states: list[dict[str, torch.Tensor]] | None = None
+
+
 def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
     """Train as ``config`` says; return (and write) the summary."""
+    return run(config, verbose).summary
+
+
+def run(
+    config: TrainConfig, verbose: bool = False, dataset: Dataset | None = None, keep_segments: bool = False
+) -> Trained:
+    """Train as ``config`` says, on ``dataset`` if given (else the config's data); write the
+    summary, and with ``keep_segments`` also return the trained segments' states."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    dataset = load_data(config)
+    in_memory = dataset is not None
+    if dataset is None:
+        dataset = load_data(config)
     # Plan the whole run on the meta device first: a distributed run would fail late and far away.
     preflight(config, dataset)
     steps_per_epoch = len(dataset.x_train) // config.data.batch_size
@@ -75,7 +99,7 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
     # The metrics endpoint and progress display (a taken port fails here, before any Ray).
     monitor = Monitor(config, steps_per_epoch, verbose)
     try:
-        engine = make_engine(config, dataset)
+        engine = make_engine(config, dataset, in_memory)
     except BaseException:
         monitor.close()
         raise
@@ -132,6 +156,7 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
         if not result:  # resumed at the very end: nothing was trained here
             result = evaluate(engine, dataset)
         stages = engine.stage_summaries()
+        segment_states = [state["module"] for state in engine.stage_states()] if keep_segments else None
     finally:
         engine.close()
         monitor.close()
@@ -146,6 +171,13 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
         "epochs": config.epochs,
         "test_accuracy": result.get("test_accuracy"),
         "test_loss": result.get("test_loss"),
+        # Language models: the vocabulary size V (a uniform guess has perplexity V) and
+        # exp(mean test cross-entropy per token).
+        **(
+            {"vocab_size": dataset.task.n_outputs, "perplexity": result.get("test_perplexity")}
+            if dataset.task.per_token
+            else {}
+        ),
         "train_loss": sum(losses) / len(losses) if losses else None,
         "samples_per_second": samples / train_seconds if train_seconds else 0.0,
         "wall_seconds": time.perf_counter() - started,
@@ -155,4 +187,4 @@ def train(config: TrainConfig, verbose: bool = False) -> dict[str, Any]:
         "config": config.to_dict(),
     }
     _write_json(out / "summary.json", summary)
-    return summary
+    return Trained(summary, dataset, segment_states)

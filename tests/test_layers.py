@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "engines": 5,
     "operations": 6,
     "runner": 7,
+    "api": 7,
     "bench": 8,
     "reproduce": 8,
     "cli": 9,

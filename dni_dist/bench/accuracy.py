@@ -82,7 +82,7 @@ def time_to_target(method: str, segments: int, spec: Spec, target: float, max_ep
             train_seconds += time.perf_counter() - tick
             tick = time.perf_counter()
             output = run.predict(data.x_test)
-            accuracy = data.task.correct(output, data.y_test) / len(data.y_test)
+            accuracy = data.task.accuracy(output, data.y_test)
             eval_seconds += time.perf_counter() - tick
             history.append({"epoch": epoch + 1, "train_seconds": train_seconds, "test_accuracy": accuracy})
             if accuracy >= target:

@@ -73,14 +73,27 @@ class Spec:
         )
 
     def describe(self) -> dict[str, Any]:
+        # Read from the resolved config, so what --set overrides (model, data, optimiser)
+        # is what the report names.
+        cfg = config_for("backprop", 1, self)
+        m, d = cfg.model, cfg.data
+        if m.factory:
+            model = f"model.factory={m.factory}"
+        elif m.kind == "mlp":
+            model = f"MLP {m.depth} x {m.width} {m.activation}"
+        else:
+            model = f"{m.kind}, depth {m.depth}, width {m.width}"
+        own_data = f"data.name={d.name}" in self.data and not d.factory
         return {
-            "model": f"MLP {self.depth} x {self.width} ReLU",
-            "data": list(self.data),
-            "batch_size": self.batch_size,
-            "optimizer": f"adam lr={self.lr:g}",
+            "model": model,
+            "data": list(self.data)
+            if own_data
+            else [f"data.name={d.name}" if not d.factory else f"data.factory={d.factory}"],
+            "batch_size": d.batch_size,
+            "optimizer": f"{cfg.optim.name} lr={cfg.optim.lr:g}",
             "cpus_per_stage": self.cpus_per_stage,
             "micro_batches": self.micro_batches,
-            "seed": self.seed,
+            "seed": cfg.seed,
             "settings": list(self.extra),
         }
 

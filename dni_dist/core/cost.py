@@ -118,9 +118,10 @@ def refreshes(boundary: Boundary, refresh: bool) -> bool:
 def boundary_cost(boundary: Boundary, shape: Shape, batch: int, task: Task, refresh: bool) -> int:
     """FLOPs of what a stage does at its boundary per step, besides its segment's own passes."""
     h = torch.zeros(batch, *shape, device="meta")
-    context = torch.zeros(batch, task.context_dim, device="meta")
+    context = task.context(task.blank_labels(batch, device="meta"))
     # What arrives from above: the output error for direct methods (DFA, Kickback), else dL/dh.
-    received = torch.zeros(batch, task.n_outputs, device="meta") if boundary.direct_error else torch.zeros_like(h)
+    error = torch.zeros(batch, *task.output_shape, device="meta")
+    received = error if boundary.direct_error else torch.zeros_like(h)
     # The signal: the SG's output (sg), plus its gradient w.r.t. h (sg-prop), or a fixed SG's.
     total = _flops(lambda: boundary.signal(h, context, received))
     if isinstance(boundary, SyntheticBoundary):

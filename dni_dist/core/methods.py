@@ -129,14 +129,23 @@ class DirectFeedbackBoundary(_FixedSGBoundary):
     backwards_locked = False
     direct_error = True
 
-    def __init__(self, feature_shape: tuple[int, ...], n_outputs: int, seed: int) -> None:
+    def __init__(self, feature_shape: tuple[int, ...], n_outputs: int, seed: int, positions: int = 0) -> None:
         super().__init__()
+        # Token-level tasks (positions > 0): the error e_t at each position is projected onto
+        # that position's activation h_t with one matrix (W x V) shared by all positions.
+        if positions and (len(feature_shape) != 2 or feature_shape[0] != positions):
+            raise ConfigError(
+                f"{self.name} on a token-level task needs activations (T={positions}, W) at its cut, "
+                f"got shape {tuple(feature_shape)}"
+            )
+        self.per_token = positions > 0
+        rows = feature_shape[-1] if self.per_token else math.prod(feature_shape)
         generator = torch.Generator().manual_seed(seed)
-        projection = torch.randn(math.prod(feature_shape), n_outputs, generator=generator) * n_outputs**-0.5
+        projection = torch.randn(rows, n_outputs, generator=generator) * n_outputs**-0.5
         self.register_buffer("projection", projection)
 
     def fixed_sg(self, h: torch.Tensor) -> torch.Tensor:
-        return h.flatten(1) @ self.projection
+        return h @ self.projection if self.per_token else h.flatten(1) @ self.projection
 
 
 class KickbackBoundary(DirectFeedbackBoundary):
@@ -144,8 +153,8 @@ class KickbackBoundary(DirectFeedbackBoundary):
 
     name = "kickback"
 
-    def __init__(self, feature_shape: tuple[int, ...], n_outputs: int, seed: int) -> None:
-        super().__init__(feature_shape, n_outputs, seed)
+    def __init__(self, feature_shape: tuple[int, ...], n_outputs: int, seed: int, positions: int = 0) -> None:
+        super().__init__(feature_shape, n_outputs, seed, positions)
         self.projection.fill_(1.0)
 
 
@@ -210,8 +219,10 @@ def build_boundary(
     seed: int,
     sg_prop_alpha: float = 1.0,
     fdg_shrink: float = 0.5,
+    positions: int = 0,
 ) -> Boundary:
-    """The boundary object for ``method`` at one cut; ``sg`` is required for learned methods."""
+    """The boundary object for ``method`` at one cut; ``sg`` is required for learned methods.
+    ``positions`` > 0: a token-level task (DFA and Kickback project each position's error)."""
     if method in ("backprop", "fa"):
         return BackpropBoundary() if method == "backprop" else FeedbackAlignmentBoundary()
     if method == "ddg":
@@ -219,9 +230,9 @@ def build_boundary(
     if method == "fdg":
         return ShrunkDelayedGradientBoundary(fdg_shrink)
     if method == "dfa":
-        return DirectFeedbackBoundary(feature_shape, n_outputs, seed)
+        return DirectFeedbackBoundary(feature_shape, n_outputs, seed, positions)
     if method == "kickback":
-        return KickbackBoundary(feature_shape, n_outputs, seed)
+        return KickbackBoundary(feature_shape, n_outputs, seed, positions)
     if method in ("sg", "sg-prop"):
         if sg is None:
             raise ValueError(f"method {method!r} needs an SG module")

@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from dni_dist.errors import ConfigError
 
@@ -92,6 +93,34 @@ class SyntheticGradient(nn.Module):
         if self.label is not None:
             out = out + self.label(context).view(-1, *self.feature_shape)
         return self.scale * out
+
+
+class TokenSyntheticGradient(SyntheticGradient):
+    """An SG for sequence activations (batch, T, W), applied to each token on its own: the
+    per-token SG maps h_t (W values) to a gradient for h_t, with the same weights at every
+    position. Conditioned, token t's context is its integer target y_t (the next token),
+    one-hot over the vocabulary, exactly as a class label conditions the flat SG: the label
+    term y_t B is then row y_t of B, a learned embedding of the target."""
+
+    def __init__(
+        self, core: nn.Module, positions: int, width: int, vocab: int, conditioned: bool, wrapper: str, scale: float
+    ) -> None:
+        super().__init__(core, (width,), vocab, conditioned, wrapper, scale)
+        self.positions = positions
+        self.vocab = vocab
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        width = self.feature_shape[0]
+        if h.dim() != 3 or tuple(h.shape[1:]) != (self.positions, width):
+            raise ValueError(
+                f"SG expects activations of shape (batch, {self.positions}, {width}), got {tuple(h.shape)}"
+            )
+        tokens = h.reshape(-1, width)
+        if self.conditioned:
+            labels = F.one_hot(context.reshape(-1).long(), self.vocab).to(h.dtype)
+        else:  # the cores ignore the context when unconditioned
+            labels = tokens.new_zeros(len(tokens), 0)
+        return super().forward(tokens, labels).view_as(h)
 
 
 class _LinearCore(nn.Module):
@@ -170,9 +199,29 @@ class _ConvCore(nn.Module):
         return self.net(x)
 
 
-def build_sg(spec: SGSpec, feature_shape: tuple[int, ...], context_dim: int, where: str = "") -> SyntheticGradient:
-    """Build the SG a spec asks for at a cut whose activations are (batch, *feature_shape)."""
+def build_sg(
+    spec: SGSpec, feature_shape: tuple[int, ...], context_dim: int, where: str = "", positions: int = 0
+) -> SyntheticGradient:
+    """Build the SG a spec asks for at a cut whose activations are (batch, *feature_shape).
+
+    ``positions`` > 0: a token-level task with that many positions, whose context is the
+    integer targets (batch, positions) over ``context_dim`` token values; the SG is then
+    applied per token (``TokenSyntheticGradient``) to activations (batch, positions, W)."""
     at = f" at {where}" if where else ""
+    if positions:
+        if len(feature_shape) != 2 or feature_shape[0] != positions:
+            raise ConfigError(
+                f"a per-token SG needs activations (T={positions}, W){at}, got shape {tuple(feature_shape)}; "
+                "cut the model where every position has its own vector"
+            )
+        if spec.kind == "conv":
+            raise ConfigError(
+                f"sg.kind='conv' needs a feature map{at}; per-token activations take linear, lowrank or mlp"
+            )
+        token = build_sg(spec, feature_shape[1:], context_dim, where)
+        return TokenSyntheticGradient(
+            token.core, positions, feature_shape[1], context_dim, spec.conditioned, spec.wrapper, spec.scale
+        )
     numel = math.prod(feature_shape)
     ctx = context_dim if spec.conditioned else 0
     if spec.kind == "linear":

@@ -9,11 +9,13 @@ from dni_dist.data.artificial import make_artificial
 from dni_dist.data.base import Dataset, batches
 from dni_dist.data.cifar import load_cifar10
 from dni_dist.data.digits import load_digits
+from dni_dist.data.digits16 import make_digits16
 from dni_dist.data.mnist import load_mnist
 from dni_dist.data.mnist1d import make_mnist1d
+from dni_dist.data.text import load_text
 from dni_dist.errors import ConfigError
 
-DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "artificial", "mnist1d")
+DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "artificial", "mnist1d", "text", "digits16")
 
 __all__ = ["DATASETS", "Dataset", "batches", "load_dataset"]
 
@@ -29,6 +31,8 @@ def load_dataset(
     samples: int = 1000,
     outputs: int = 1,
     grid: bool = False,
+    context: int = 64,
+    max_bytes: int = 1 << 20,
 ) -> Dataset:
     if name == "digits":
         return load_digits(seed)
@@ -40,4 +44,8 @@ def load_dataset(
         return make_artificial(task, dim, labels, samples, seed, outputs, grid)
     if name == "mnist1d":
         return make_mnist1d(seed)
+    if name == "text":
+        return load_text(path, seed, context, max_bytes)
+    if name == "digits16":
+        return make_digits16(seed)
     raise ConfigError(f"dataset={name!r} is unknown; use one of {', '.join(DATASETS)}")

@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dni_dist.builder import build_stages, load_data, plan_model
 from dni_dist.config import TrainConfig
+from dni_dist.core.imports import import_root, resolve
 from dni_dist.core.probe import Snapshot, StageProbe
 from dni_dist.core.tasks import Task
 from dni_dist.data import Dataset, batches
@@ -38,20 +39,43 @@ from dni_dist.transports.torch_dist import TorchDistTransport, free_port, init_l
 class StageWorker:
     """One segment in its own process (wrapped with ``ray.remote`` by the driver)."""
 
-    def __init__(self, config: TrainConfig, index: int, input_shape: tuple[int, ...], task: Task, use_gpu: bool):
+    def __init__(
+        self,
+        config: TrainConfig,
+        index: int,
+        input_shape: tuple[int, ...],
+        task: Task,
+        use_gpu: bool,
+        data: Dataset | None = None,
+        import_paths: tuple[str, ...] = (),
+    ):
         torch.set_num_threads(max(1, int(config.dist.cpus_per_stage or 1)))
         self.config = config
         self.index = index
         self.device = torch.device("cuda:0") if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
+        self.transport: Transport | None = None
+        # The user's module: on this worker's path, else where the driver found it. A worker
+        # that finds neither says so through import_problem (an exception here would reach
+        # the driver as a dead actor, not as the one line the user needs).
+        self.import_problem_text: str | None = None
+        if config.model.factory:
+            try:
+                resolve("model.factory", config.model.factory, import_paths)
+            except ConfigError as exc:
+                self.import_problem_text = f"stage {index} on {ray.util.get_node_ip_address()}: {exc}"
+                return
         self.stage = build_stages(config, input_shape, task, only=index)[0]
         self.stage.module.to(self.device)
         if self.stage.boundary is not None:
             self.stage.boundary.to(self.device)
-        self.data: Dataset | None = load_data(config) if index == 0 else None
-        self.transport: Transport | None = None
+        # Stage 0 loads the named data set itself; data that only the driver has comes along.
+        self.data: Dataset | None = None if index else data or load_data(config)
         self.loop: StageLoop | None = None
         self.busy = [0.0, 0.0]  # compute seconds, wall seconds
         self.probe = StageProbe(self.stage, config.data.batch_size)
+
+    def import_problem(self) -> str | None:
+        return self.import_problem_text
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's node address and a free port there (as Ray Train does)."""
@@ -232,10 +256,15 @@ def connect_ray(config: TrainConfig) -> bool:
 class RayRun:
     """The driver side: places the actors, wires them up, runs epochs, tears down."""
 
-    def __init__(self, config: TrainConfig, dataset: Dataset) -> None:
+    def __init__(self, config: TrainConfig, dataset: Dataset, in_memory: bool = False) -> None:
+        """``in_memory``: ``dataset`` cannot be loaded from the config (tensors given to
+        ``dni_dist.fit``); it is shipped to stage 0, as a data factory's output is."""
         self.config = config
         self.dataset = dataset
         self.started_ray = connect_ray(config)
+        self.data_ref = ray.put(dataset) if in_memory or config.data.factory else None
+        root = import_root(config.model.factory) if config.model.factory else None
+        self.import_paths = (root, os.getcwd()) if root else (os.getcwd(),)
         self.actors: list[Any] = []
         self.pg = None
         self._in_epoch = False  # an interrupted epoch leaves actors busy: kill, don't ask
@@ -281,8 +310,20 @@ class RayRun:
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         self.pg, placement_group_bundle_index=bundles[i]
                     ),
-                ).remote(cfg, i, self.dataset.input_shape, task, use_gpu)
+                ).remote(
+                    cfg,
+                    i,
+                    self.dataset.input_shape,
+                    task,
+                    use_gpu,
+                    self.data_ref if i == 0 else None,
+                    self.import_paths,
+                )
             )
+        problems = ray.get([a.import_problem.remote() for a in self.actors], timeout=cfg.dist.timeout)
+        problem = next((p for p in problems if p), None)
+        if problem:
+            raise ConfigError(f"{problem}; ship the module with the job (ray job submit --working-dir, or py_modules)")
         plan = plan_model(cfg, self.dataset.input_shape, task)
         direct = cfg.method in ("dfa", "kickback")
         streams = all_streams(k, plan.cut_shapes, cfg.data.batch_size, task, direct)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from dni_dist.core.tasks import Task
 from dni_dist.transports.base import Stream
 
@@ -12,18 +10,14 @@ def all_streams(
     num_stages: int, cut_shapes: list[tuple[int, ...]], batch_size: int, task: Task, direct_error: bool
 ) -> list[Stream]:
     """Activations go up k -> k+1; targets come down k+1 -> k, or top -> k for a direct error."""
-    if task.kind == "classification":
-        labels_shape: tuple[int, ...] = (batch_size,)
-        labels_dtype = torch.long
-    else:
-        labels_shape, labels_dtype = (batch_size, task.n_outputs), torch.float32
+    labels_shape = (batch_size, *task.label_shape)
     top = num_stages - 1
     streams = []
     for k in range(top):
         shape = (batch_size, *cut_shapes[k])
-        streams.append(Stream(k, k + 1, True, shape, labels_shape, labels_dtype))
+        streams.append(Stream(k, k + 1, True, shape, labels_shape, task.label_dtype))
         if direct_error:
-            streams.append(Stream(top, k, False, (batch_size, task.n_outputs)))
+            streams.append(Stream(top, k, False, (batch_size, *task.output_shape)))
         else:
             streams.append(Stream(k + 1, k, False, shape))
     return streams

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from dni_dist.errors import ConfigError
+from dni_dist.models.factory import build_from_factory
+from dni_dist.models.resnet import build_resnet
+from dni_dist.models.transformer import build_transformer
 
-MODEL_KINDS: tuple[str, ...] = ("mlp", "linear", "deep_linear", "cnn")
+MODEL_KINDS: tuple[str, ...] = ("mlp", "linear", "deep_linear", "cnn", "transformer", "resnet")
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
 
@@ -28,10 +32,19 @@ class ModelSpec:
     activation: str = "relu"
     batch_norm: bool = False
     channels: int = 32
+    # A user's model instead of ``kind`` (models/factory.py): "package.module:function",
+    # called as function(input_shape, n_outputs, **kwargs).
+    factory: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # transformer: attention heads per block (model.width must be a multiple). Its context
+    # length is the data's (data.context), its vocabulary the task's.
+    heads: int = 4
 
 
 def build_model(spec: ModelSpec, input_shape: tuple[int, ...], n_outputs: int) -> nn.Sequential:
     """Build the model for inputs of shape (batch, *input_shape)."""
+    if spec.factory:
+        return build_from_factory(spec.factory, spec.kwargs, input_shape, n_outputs)
     if spec.activation not in ACTIVATIONS:
         raise ConfigError(f"model.activation={spec.activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}")
     if spec.depth < 0 or spec.width < 1:
@@ -48,6 +61,10 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, ...], n_outputs: int) -
         return nn.Sequential(*blocks)
     if spec.kind == "cnn":
         return _cnn(spec, input_shape, n_outputs)
+    if spec.kind == "transformer":
+        return build_transformer(spec.depth, spec.width, spec.heads, input_shape, n_outputs)
+    if spec.kind == "resnet":
+        return build_resnet(spec.depth, spec.channels, input_shape, n_outputs)
     raise ConfigError(f"model.kind={spec.kind!r} is unknown; use one of {', '.join(MODEL_KINDS)}")
 
 

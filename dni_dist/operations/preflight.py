@@ -13,11 +13,9 @@ import math
 
 import torch
 
-from dni_dist.builder import count_costs, load_data, plan_model
+from dni_dist.builder import count_costs, load_data, make_boundary, plan_model
 from dni_dist.config import TrainConfig
-from dni_dist.core.methods import build_boundary
 from dni_dist.core.partition import segment_loads
-from dni_dist.core.synthetic import build_sg
 from dni_dist.data import Dataset
 from dni_dist.errors import ConfigError
 
@@ -58,22 +56,18 @@ def preflight(config: TrainConfig, dataset: Dataset | None = None) -> str:
     with torch.device("meta"):
         plan = plan_model(shaped, dataset.input_shape, task)
         for k, shape in enumerate(plan.cut_shapes):
-            sg = None
-            if config.method in ("sg", "sg-prop"):
-                sg = build_sg(config.sg, shape, task.context_dim, where=f"cut {k + 1}")
-            build_boundary(
-                config.method, sg, shape, task.n_outputs, config.seed * 31 + k, config.sg_prop_alpha, config.fdg_shrink
-            )
+            make_boundary(config, task, k, shape)
     blocks = [len(segment) for segment in plan.segments]
     cuts = [sum(blocks[: i + 1]) for i in range(len(blocks) - 1)]
     params = [_count(segment) for segment in plan.segments]
     with torch.device("meta"):
         costs = count_costs(shaped, [b for segment in plan.segments for b in segment], dataset.input_shape, task)
     gflops = [f"{load / 1e9:.3g}" for load in segment_loads(costs.top, cuts, costs.after, costs.below)]
+    model = config.model.factory or config.model.kind
     where = f"runtime={config.runtime}" + (f" transport={config.transport}" if config.runtime == "ray" else "")
     return (
         f"plan: {config.method} on {dataset.name} {_shape(dataset.input_shape)} ({n_train} train, "
-        f"{n_train // config.data.batch_size} steps/epoch), {config.model.kind} of {sum(blocks)} blocks in "
+        f"{n_train // config.data.batch_size} steps/epoch), {model} of {sum(blocks)} blocks in "
         f"{config.segments} segments, cuts {_brief(cuts)}, cut shapes {_brief([_shape(s) for s in plan.cut_shapes])}, "
         f"params per segment {_brief(params)} ({math.fsum(params):.0f} total), GFLOP per stage step "
         f"{_brief(gflops)}, {where}"

@@ -26,10 +26,30 @@ EXPERIMENTS: dict[str, Any] = {
 
 
 def reproduce(
-    name: str, out: Path, quick: bool, data_dir: str | None = None, progress: Callable[[str], None] | None = None
+    name: str,
+    out: Path,
+    quick: bool,
+    data_dir: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    settings: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run one experiment, or ``all`` of them plus ``OUT/report.md``; ``report`` rebuilds
-    the report from the JSON files already in OUT (after re-running one experiment)."""
+    the report from the JSON files already in OUT (after re-running one experiment).
+    ``settings``: config overrides (KEY=VALUE) applied last to every run, e.g. another model."""
+    from dni_dist.config import load_config
+    from dni_dist.reproduce.common import SETTINGS
+
+    load_config(overrides=list(settings))  # a bad key or value fails before any experiment runs
+    token = SETTINGS.set(tuple(settings))
+    try:
+        return _reproduce(name, out, quick, data_dir, progress)
+    finally:
+        SETTINGS.reset(token)
+
+
+def _reproduce(
+    name: str, out: Path, quick: bool, data_dir: str | None, progress: Callable[[str], None] | None
+) -> dict[str, Any]:
     from dni_dist.errors import ConfigError
     from dni_dist.reproduce.report import write_report
 

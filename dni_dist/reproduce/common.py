@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,16 @@ class Run:
         return float(self.data.task.loss(self.engine.predict(x), y))
 
     def accuracy_on(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        return self.data.task.correct(self.engine.predict(x), y) / len(y)
+        return self.data.task.accuracy(self.engine.predict(x), y)
+
+
+# ``dni-dist reproduce --set KEY=VALUE``: overrides applied last to every run an experiment
+# builds (e.g. model.kind=resnet with data.name=digits16), set by ``reproduce()``.
+SETTINGS: ContextVar[tuple[str, ...]] = ContextVar("reproduce_settings", default=())
 
 
 def build(*overrides: str) -> Run:
-    config = load_config(overrides=list(overrides))
+    config = load_config(overrides=[*overrides, *SETTINGS.get()])
     data = load_data(config)
     return Run(config, data, LocalEngine(build_stages(config, data.input_shape, data.task)))
 

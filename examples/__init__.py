@@ -1,0 +1,1 @@
+"""Runnable examples of user code that dni_dist trains (imported by the tests too)."""
