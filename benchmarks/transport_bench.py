@@ -24,10 +24,10 @@ COUNTS = {"4 KiB": 3000, "1 MiB": 300, "16 MiB": 30}
 def _transport(kind: str, rank: int, stream, port: int, addresses):
     inbound, outbound = ([stream], []) if rank == 1 else ([], [stream])
     if kind == "gloo":
-        from dni_dist.transports.torch_dist import TorchDistTransport, init_groups
+        from dni_dist.transports.torch_dist import TorchDistTransport, init_links
 
-        up, down = init_groups("gloo", "127.0.0.1", port, rank, 2, 120, torch.device("cpu"))
-        return TorchDistTransport(rank, inbound, outbound, up, down, torch.device("cpu"), torch.device("cpu"))
+        groups = init_links("gloo", "127.0.0.1", port, rank, 2, 120, torch.device("cpu"), [stream])
+        return TorchDistTransport(rank, inbound, outbound, groups, torch.device("cpu"), torch.device("cpu"))
     from dni_dist.transports.grpc_transport import GrpcTransport
 
     transport = GrpcTransport(rank, inbound, outbound, "bench")

@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         help="config override for every run, applied last, e.g. --set model.kind=resnet (repeatable)",
     )
     bench = sub.add_parser("bench", help="DNI vs backprop baselines, side by side in one run (Ray, gloo)")
-    bench.add_argument("name", help="throughput | accuracy | links | scale")
+    bench.add_argument("name", help="throughput | accuracy | links | scale | overhead")
     bench.add_argument(
         "--segments", action="append", default=[], metavar="K", help="actors K (repeatable or a comma list; default 2)"
     )
@@ -151,7 +151,8 @@ def _bench(args: argparse.Namespace) -> int:
     md = out / f"{args.name}.md"
     if md.exists():
         print(md.read_text(), end="")
-    print(f"wrote {args.name}.json, .md and .png in {out}")
+    written = [f"{args.name}.{ext}" for ext in ("json", "md", "png") if (out / f"{args.name}.{ext}").exists()]
+    print(f"wrote {', '.join(written)} in {out}")
     return 0
 
 

@@ -18,6 +18,7 @@ BENCHES: dict[str, str] = {
     "accuracy": "accuracy",
     "links": "links",
     "scale": "scale",
+    "overhead": "overhead",
 }
 
 

@@ -122,17 +122,18 @@ def _stage_costs(
 # ------------------------------------------------------------------------ link
 def _pingpong(rank: int, port: int, sizes: list[int], rounds: int, results) -> None:
     from dni_dist.transports.base import Stream
-    from dni_dist.transports.torch_dist import TorchDistTransport, init_groups, shutdown_groups
+    from dni_dist.transports.torch_dist import TorchDistTransport, init_links, shutdown_groups
 
     torch.set_num_threads(1)
     cpu = torch.device("cpu")
-    up, down = init_groups("gloo", "127.0.0.1", port, rank, 2, 120, cpu)
+    links = [Stream(0, 1, True, (1,)), Stream(1, 0, False, (1,))]  # one group per direction
+    groups = init_links("gloo", "127.0.0.1", port, rank, 2, 120, cpu, links)
     timings = []
     for size in sizes:
         there = Stream(0, 1, True, (size,), (1,))  # like an activation: payload and labels
         back = Stream(1, 0, False, (size,))  # like a gradient
         inbound, outbound = ([back], [there]) if rank == 0 else ([there], [back])
-        transport = TorchDistTransport(rank, inbound, outbound, up, down, cpu, cpu)
+        transport = TorchDistTransport(rank, inbound, outbound, groups, cpu, cpu)
         transport.start()
         transport.expect(1 - rank, rounds)
         payload, label = torch.zeros(size), torch.zeros(1, dtype=torch.long)

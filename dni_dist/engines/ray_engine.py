@@ -27,12 +27,13 @@ from dni_dist.core.imports import import_root, resolve
 from dni_dist.core.probe import Snapshot, StageProbe
 from dni_dist.core.tasks import Task
 from dni_dist.data import Dataset, batches
+from dni_dist.engines.placement import check_grpc_reach, gpu_share, stage_bundles
 from dni_dist.engines.stage_loop import StageLoop
 from dni_dist.engines.wiring import all_streams, streams_of
 from dni_dist.errors import ConfigError, StageLost, reason
 from dni_dist.transports.base import Stream, Transport, TransportError
 from dni_dist.transports.slow_link import SlowLinkTransport
-from dni_dist.transports.torch_dist import TorchDistTransport, free_port, init_groups, shutdown_groups
+from dni_dist.transports.torch_dist import TorchDistTransport, free_port, init_links, shutdown_groups
 
 
 class StageWorker:
@@ -116,15 +117,16 @@ class StageWorker:
             self.transport.connect(peers)
         else:
             backend = cfg.transport
-            up, down = init_groups(backend, address, port, self.index, cfg.segments, cfg.dist.timeout, self.device)
+            groups = init_links(
+                backend, address, port, self.index, cfg.segments, cfg.dist.timeout, self.device, streams
+            )
             inbound, outbound = streams_of(self.index, streams)
             wire = self.device if backend == "nccl" else torch.device("cpu")
             self.transport = TorchDistTransport(
                 self.index,
                 inbound,
                 outbound,
-                up,
-                down,
+                groups,
                 wire,
                 self.device,
                 cfg.dist.capacity,
@@ -233,16 +235,10 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _gpus_per_stage(gpus: float, stages: int, transport: str) -> float:
-    """One GPU per stage when there are enough; else stages share what there is over gloo
-    on host copies (NCCL refuses two ranks on one GPU); else CPU only."""
-    if gpus >= stages:
-        return 1.0
-    if transport == "nccl":
-        raise ConfigError(
-            f"transport=nccl needs one GPU per stage ({stages}), the cluster has {gpus:g}; use transport=gloo"
-        )
-    return gpus / stages if gpus > 0 else 0.0
+def _bundle_nodes(pg: Any, count: int) -> list[str]:
+    """Each bundle's node id, from Ray's placement group table (once the group is ready)."""
+    table = ray.util.placement_group_table(pg).get("bundles_to_node_id", {})
+    return [str(table.get(i, table.get(str(i), ""))) for i in range(count)]
 
 
 def connect_ray(config: TrainConfig) -> bool:
@@ -286,7 +282,7 @@ class RayRun:
         cfg = self.config
         k = cfg.segments
         resources = ray.cluster_resources()
-        gpus_per_stage = _gpus_per_stage(resources.get("GPU", 0), k, cfg.transport)
+        gpus_per_stage = gpu_share(resources.get("GPU", 0), k, cfg.transport)
         use_gpu = gpus_per_stage > 0
         cpus = cfg.dist.cpus_per_stage or (1.0 if use_gpu else min(1.0, resources.get("CPU", 1) / k))
         bundle = {"CPU": cpus, **({"GPU": gpus_per_stage} if use_gpu else {})}
@@ -297,6 +293,9 @@ class RayRun:
             raise ConfigError(
                 f"the cluster cannot place {k} stages of {bundle} with {strategy}; lower segments or add nodes"
             )
+        bundle_nodes = _bundle_nodes(self.pg, k)
+        check_grpc_reach(cfg.transport, cfg.dist.grpc_bind, bundle_nodes)
+        bundles = stage_bundles(bundle_nodes)  # neighbours on one node where the placement allows
         worker = ray.remote(StageWorker)
         task = self.dataset.task
         for i in range(k):
@@ -308,7 +307,9 @@ class RayRun:
                     name=f"dni-{self.run_id[:8]}-g{self.generation}-stage{i}",
                     num_cpus=cpus,
                     num_gpus=gpus_per_stage,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        self.pg, placement_group_bundle_index=bundles[i]
+                    ),
                 ).remote(
                     cfg,
                     i,

@@ -109,6 +109,7 @@ class Transport(ABC):
             raise TransportError(f"rank {self.rank} has no stream to stage {msg.dst} for a {msg.kind.value}")
         outbox = self._outboxes[msg.dst]
         self._sent_steps.record(msg)  # before it leaves: a reply can only follow this
+        msg = self._stamp_outgoing(msg)
         while True:
             self._check()
             try:
@@ -132,14 +133,23 @@ class Transport(ABC):
                 if waited >= timeout:
                     raise TransportTimeout(f"rank {self.rank}: nothing arrived for {timeout:.0f} s") from None
                 continue
-            return msg
+            return self._take_incoming(msg)
 
     def try_recv(self) -> Message | None:
         self._check()
         try:
-            return self._inbox.get_nowait()
+            return self._take_incoming(self._inbox.get_nowait())
         except queue.Empty:
             return None
+
+    # Hooks run on the stage's (compute) thread, for transports whose tensors live on
+    # device streams (torch_dist.py): order the send after the compute that made a message,
+    # and the compute after the receive that brought one.
+    def _stamp_outgoing(self, msg: Message) -> Message:
+        return msg
+
+    def _take_incoming(self, msg: Message) -> Message:
+        return msg
 
     def flush(self, timeout: float) -> None:
         """Wait until every queued message has left this process."""
