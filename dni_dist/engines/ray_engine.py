@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dni_dist.builder import build_stages, load_data, plan_model
 from dni_dist.config import TrainConfig
+from dni_dist.core.precision import enable_tf32, wire_dtype
 from dni_dist.core.probe import Snapshot, StageProbe
 from dni_dist.core.tasks import Task
 from dni_dist.data import Dataset, batches
@@ -46,6 +47,7 @@ class StageWorker:
         self.stage.module.to(self.device)
         if self.stage.boundary is not None:
             self.stage.boundary.to(self.device)
+        enable_tf32(self.device)
         self.data: Dataset | None = load_data(config) if index == 0 else None
         self.transport: Transport | None = None
         self.loop: StageLoop | None = None
@@ -284,7 +286,7 @@ class RayRun:
             )
         plan = plan_model(cfg, self.dataset.input_shape, task)
         direct = cfg.method in ("dfa", "kickback")
-        streams = all_streams(k, plan.cut_shapes, cfg.data.batch_size, task, direct)
+        streams = all_streams(k, plan.cut_shapes, cfg.data.batch_size, task, direct, wire_dtype(cfg.precision))
         if cfg.transport == "grpc":
             run_id = f"{self.run_id}-g{self.generation}"  # a stage refuses streams from any other run
             addresses = ray.get([a.listen.remote(streams, run_id) for a in self.actors], timeout=cfg.dist.timeout)

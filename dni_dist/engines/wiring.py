@@ -9,9 +9,15 @@ from dni_dist.transports.base import Stream
 
 
 def all_streams(
-    num_stages: int, cut_shapes: list[tuple[int, ...]], batch_size: int, task: Task, direct_error: bool
+    num_stages: int,
+    cut_shapes: list[tuple[int, ...]],
+    batch_size: int,
+    task: Task,
+    direct_error: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> list[Stream]:
-    """Activations go up k -> k+1; targets come down k+1 -> k, or top -> k for a direct error."""
+    """Activations go up k -> k+1; targets come down k+1 -> k, or top -> k for a direct error;
+    every payload in ``dtype`` (the stages' precision)."""
     if task.kind == "classification":
         labels_shape: tuple[int, ...] = (batch_size,)
         labels_dtype = torch.long
@@ -21,11 +27,11 @@ def all_streams(
     streams = []
     for k in range(top):
         shape = (batch_size, *cut_shapes[k])
-        streams.append(Stream(k, k + 1, True, shape, labels_shape, labels_dtype))
+        streams.append(Stream(k, k + 1, True, shape, labels_shape, labels_dtype, dtype))
         if direct_error:
-            streams.append(Stream(top, k, False, (batch_size, task.n_outputs)))
+            streams.append(Stream(top, k, False, (batch_size, task.n_outputs), dtype=dtype))
         else:
-            streams.append(Stream(k + 1, k, False, shape))
+            streams.append(Stream(k + 1, k, False, shape, dtype=dtype))
     return streams
 
 

@@ -89,7 +89,7 @@ class TorchDistTransport(Transport):
         group = self._group(stream)
         header = torch.empty(2, dtype=torch.long, device=self.wire_device)
         dist.recv(header, src=stream.src, group=group)
-        payload = torch.empty(stream.shape, dtype=torch.float32, device=self.wire_device)
+        payload = torch.empty(stream.shape, dtype=stream.dtype, device=self.wire_device)
         dist.recv(payload, src=stream.src, group=group)
         labels = None
         if stream.up:

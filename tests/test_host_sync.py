@@ -1,0 +1,69 @@
+"""No host read-backs in the stage hot path, proved on the CPU.
+
+Every read of a tensor's value by the host (``.item()``, ``float(t)``, ``bool(t)``,
+``if t:``, ...) goes through ``aten._local_scalar_dense`` on any device; on a GPU each one
+makes the CPU wait for every queued kernel. core/host_sync.py counts them (and device to
+host copies, ``tolist``, ``numpy``) with a dispatch mode, so this CPU test fails wherever
+the GPU would stall.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import stages_for
+
+from dni_dist.core.host_sync import count_host_syncs
+from dni_dist.data import batches
+from dni_dist.engines.local import LocalEngine
+
+CASES = {
+    "sg-true": ("method=sg", "sg.target=true"),
+    "sg-bootstrap": ("method=sg", "sg.target=bootstrap"),
+    "sg-lambda-mlp": ("method=sg", "sg.target=lambda", "sg.kind=mlp", "segments=4"),
+    "sg-clip-stochastic": ("method=sg", "sg.clip=0.5", "update_prob=0.5"),
+    "sg-late-targets": ("method=sg", "sg.delay=4"),  # refresh, reliability gate, delay-aware lr
+    "sg-stash-bounded": ("method=sg", "sg.delay=4", "stash_versions=1"),
+    "sg-prop": ("method=sg-prop",),
+    "backprop": ("method=backprop",),
+    "backprop-gpipe-sgd": ("method=backprop", "dist.micro_batches=2", "optim.name=sgd"),
+    "fa": ("method=fa",),
+    "dfa": ("method=dfa",),
+    "kickback": ("method=kickback",),
+    "ddg": ("method=ddg",),
+    "sg-bf16": ("method=sg", "precision=bf16"),
+    "dfa-bf16": ("method=dfa", "precision=bf16"),
+}
+
+
+def test_the_counter_sees_every_kind_of_read_back() -> None:
+    t = torch.ones(3)
+    with count_host_syncs() as counts:
+        t.sum().item()
+        float(t[0])
+        int(t[1])
+        bool(t[2] > 0)
+        if t.all():
+            t.tolist()
+    assert counts["scalar read"] == 5 and counts["tolist"] == 1
+
+
+@pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
+def test_training_steps_read_nothing_back_to_the_host(overrides: tuple[str, ...]) -> None:
+    stages, data = stages_for("segments=3", *overrides)
+    engine = LocalEngine(stages, delay=next((int(o.split("=")[1]) for o in overrides if "delay" in o), 0))
+
+    def fail(kind: str) -> None:
+        raise AssertionError(f"a host read-back ({kind}) in the hot path")
+
+    order = batches(data.x_train, data.y_train, 32, seed=0, epoch=0)
+    with count_host_syncs(fail) as counts:
+        losses = [engine.train_step(x, y) for _, (x, y) in zip(range(8), order, strict=False)]
+        engine.drain()
+    assert sum(counts.values()) == 0
+    # Read at poll time: the losses in one go, each stage's flags in one go.
+    with count_host_syncs() as counts:
+        values = torch.stack(losses).tolist()
+        engine.check_numerics()
+    assert sum(counts.values()) == 1 + len(stages) and all(v == v for v in values)
+    assert sum(s.stats.summary()["updates"] for s in stages) > 0
