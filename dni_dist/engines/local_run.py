@@ -46,7 +46,7 @@ class LocalRun:
         self.engine.step = step
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.engine.predict(x)
+        return self.engine.predict(x, batch_size=self.config.data.batch_size)
 
     def stage_summaries(self) -> list[dict[str, Any]]:
         # One step at a time: no in-flight limit applies (in_flight_limit is None).

@@ -26,7 +26,8 @@ from dni_dist.config import TrainConfig
 from dni_dist.core.precision import enable_tf32, wire_dtype
 from dni_dist.core.probe import Snapshot, StageProbe
 from dni_dist.core.tasks import Task
-from dni_dist.data import Dataset, batches
+from dni_dist.data import Dataset
+from dni_dist.data.device import TrainingSet
 from dni_dist.engines.stage_loop import StageLoop
 from dni_dist.engines.wiring import all_streams, streams_of
 from dni_dist.errors import ConfigError, StageLost, reason
@@ -49,6 +50,8 @@ class StageWorker:
             self.stage.boundary.to(self.device)
         enable_tf32(self.device)
         self.data: Dataset | None = load_data(config) if index == 0 else None
+        # Stage 0's training set on its device once, if it fits (data/device.py).
+        self.train_set = TrainingSet(self.data.x_train, self.data.y_train, self.device) if self.data else None
         self.transport: Transport | None = None
         self.loop: StageLoop | None = None
         self.busy = [0.0, 0.0]  # compute seconds, wall seconds
@@ -127,10 +130,9 @@ class StageWorker:
         """Steps ``offset .. offset + steps - 1`` of ``epoch`` (numbered from ``first_step``)."""
         assert self.loop is not None
         inputs = None
-        if self.data is not None:
-            batch = self.config.data.batch_size
-            order = batches(self.data.x_train, self.data.y_train, batch, self.config.seed, epoch)
-            inputs = ((x.to(self.device), y.to(self.device)) for x, y in islice(order, offset, offset + steps))
+        if self.train_set is not None:
+            order = self.train_set.batches(self.config.data.batch_size, self.config.seed, epoch)
+            inputs = islice(order, offset, offset + steps)
         report = self.loop.run_epoch(first_step, steps, inputs)
         self.busy[0] += report.compute_seconds
         self.busy[1] += report.wall_seconds
@@ -144,7 +146,10 @@ class StageWorker:
         }
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stage.predict(x.to(self.device)).cpu()
+        """The segment's output for ``x``, in chunks of the batch size: evaluation needs no
+        more device memory than a training step."""
+        chunks = x.split(self.config.data.batch_size)
+        return torch.cat([self.stage.predict(c.to(self.device)).cpu() for c in chunks])
 
     def snapshot(self) -> Snapshot:
         """Metrics now; runs on the actor's second thread while ``run_epoch`` holds the first."""

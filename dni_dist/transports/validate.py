@@ -89,7 +89,7 @@ class StreamGuard:
         stream = self.stream
         tensor = msg.tensor
         if tensor.dtype != stream.dtype or tuple(tensor.shape) != stream.shape:
-            want = f"{stream.dtype}{stream.shape}"
+            want = f"{str(stream.dtype).removeprefix('torch.')}{stream.shape}"
             raise self._fail(msg.step, f"tensor {tensor.dtype}{tuple(tensor.shape)} is not {want}")
         if stream.up:
             labels = msg.labels
