@@ -67,3 +67,24 @@ def test_training_steps_read_nothing_back_to_the_host(overrides: tuple[str, ...]
         engine.check_numerics()
     assert sum(counts.values()) == 1 + len(stages) and all(v == v for v in values)
     assert sum(s.stats.summary()["updates"] for s in stages) > 0
+
+
+def test_non_finite_flags_are_judged_at_poll_time_in_event_order(monkeypatch) -> None:
+    from dni_dist.core import numerics
+    from dni_dist.core.numerics import NonFiniteLog, NumericFault
+
+    log = NonFiniteLog(stage=1, limit=3)
+    bad, good = torch.tensor(False), torch.tensor(True)
+    for step, ok in [(0, good), (1, bad), (1, bad), (2, good), (3, bad), (4, bad)]:
+        log.record(step, "activations", ok)
+    log.check()  # bad steps 1, 3, 4: two in a row at most
+    assert log.count == 3
+    log.record(5, "losses", bad)
+    with pytest.raises(NumericFault, match=r"stage 1: 3 steps in a row \(to step 5\) had non-finite losses"):
+        log.check()
+    # A caller that never polls still has its flags judged (and its memory bounded).
+    monkeypatch.setattr(numerics, "CHECK_EVERY", 4)
+    quiet = NonFiniteLog(stage=0, limit=2)
+    for step in range(4):
+        quiet.record(step, "activations", good)
+    assert quiet._steps == [] and quiet.count == 0

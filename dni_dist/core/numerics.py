@@ -21,6 +21,9 @@ import torch
 
 # Flags are stacked into one tensor this often, so an epoch's worth costs a byte per event.
 _FOLD = 256
+# A caller that never polls (the library API) still gets its flags judged, and its lists
+# bounded, after this many events: one read-back per tens of thousands of steps.
+CHECK_EVERY = 1 << 16
 
 
 class NumericFault(RuntimeError):
@@ -72,6 +75,8 @@ class NonFiniteLog:
         if len(self._flags) >= _FOLD:
             self._folded.append(torch.cat(self._flags))
             self._flags = []
+        if len(self._steps) >= CHECK_EVERY:
+            self.check()
 
     def check(self) -> None:
         """Read the flags recorded since the last check (one read-back); count the bad steps
