@@ -88,3 +88,23 @@ def test_non_finite_flags_are_judged_at_poll_time_in_event_order(monkeypatch) ->
     for step in range(4):
         quiet.record(step, "activations", good)
     assert quiet._steps == [] and quiet.count == 0
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_a_masked_step_is_no_step_even_the_first(name: str) -> None:
+    from dni_dist.builder import make_optimizer
+    from dni_dist.config import OptimConfig
+    from dni_dist.core.numerics import masked_step
+
+    masked, plain = torch.nn.Parameter(torch.ones(300)), torch.nn.Parameter(torch.ones(300))
+    fused = make_optimizer([masked], OptimConfig(name=name, lr=0.1))
+    reference = (torch.optim.Adam if name == "adam" else torch.optim.SGD)(
+        [plain], **{k: v for k, v in fused.defaults.items() if k in ("lr", "momentum", "weight_decay")}
+    )
+    masked.grad = torch.full((300,), float("nan"))
+    masked_step(fused, torch.tensor(False))  # skipped on the device: weights and state as before
+    for i in range(3):
+        masked.grad, plain.grad = torch.full((300,), 0.5 * (i + 1)), torch.full((300,), 0.5 * (i + 1))
+        masked_step(fused, torch.tensor(True))
+        reference.step()
+    torch.testing.assert_close(masked.detach(), plain.detach())

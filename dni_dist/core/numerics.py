@@ -47,10 +47,23 @@ def masked_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
     cannot, so it pays one read-back of the flag (the library API accepts any optimiser;
     the builder always makes fused ones)."""
     if optimizer.defaults.get("fused"):
+        if isinstance(optimizer, torch.optim.SGD) and not optimizer.state:
+            _zero_momentum(optimizer)
         optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
         optimizer.step()
     elif bool(ok):
         optimizer.step()
+
+
+def _zero_momentum(optimizer: torch.optim.SGD) -> None:
+    """Zero momentum buffers before fused SGD's first step. Fused SGD allocates them
+    uninitialised and fills them in its first kernel; a first step skipped there would
+    leave garbage behind. Zeros give the same first step (buf = m * 0 + g = g, with the
+    builder's zero dampening)."""
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for p in group["params"]:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
 
 class NonFiniteLog:
