@@ -47,6 +47,7 @@ def accuracy(delay: int, seed: int, epochs: int, segments: int, overrides: tuple
         for epoch in range(epochs):
             for x, y in batches(data.x_train, data.y_train, cfg.data.batch_size, seed, epoch):
                 engine.train_step(x, y)
+            engine.check_numerics()  # raises NumericFault once per epoch (flags kept on the device)
     except NumericFault:
         return 0.0  # diverged: reported as 0.000
     return data.task.correct(engine.predict(data.x_test), data.y_test) / len(data.y_test)

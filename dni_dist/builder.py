@@ -30,9 +30,11 @@ def make_optimizer(
     if not params:
         return None
     rate = cfg.lr if lr is None else lr
+    # Fused: one kernel per step, and a non-finite step is skipped on the device (found_inf,
+    # core/numerics.py) instead of read back to the host.
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=rate, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.Adam(params, lr=rate, weight_decay=cfg.weight_decay, fused=True)
 
 
 def load_data(config: TrainConfig) -> Dataset:
@@ -206,6 +208,8 @@ def build_stages(config: TrainConfig, input_shape: tuple[int, ...], task: Task, 
                 sg_clip=config.sg.clip,
                 micro_batches=config.dist.micro_batches,
                 staleness=StalenessPolicy(config.sg.refresh, config.sg.gate, config.sg.delay_lr),
+                precision=config.precision,
+                stash_versions=config.stash_versions,
             )
         )
     return stages

@@ -26,6 +26,7 @@ import yaml
 from dni_dist.core.imports import check_spec
 from dni_dist.core.methods import METHODS
 from dni_dist.core.partition import BALANCES
+from dni_dist.core.precision import PRECISIONS
 from dni_dist.core.stage import TARGET_MODES
 from dni_dist.core.staleness import GATES
 from dni_dist.core.synthetic import SG_KINDS, WRAPPERS, SGSpec
@@ -178,6 +179,13 @@ class TrainConfig:
     # Non-finite losses, activations or gradients: the step is skipped and counted; this
     # many in a row stops the run (with a checkpoint).
     nan_limit: int = 3
+    # fp32, or bf16: autocast forward passes, float32 master weights, bf16 on the wire
+    # (core/precision.py). On a GPU, fp32 matrix products use TF32.
+    precision: str = "fp32"
+    # Weight copies a stage keeps for its pending steps' true gradients (true/lambda targets
+    # above stage 0; ddg, fdg): 0 = one per pending step (exact); N = at most N, later steps
+    # pass their gradient down through a recomputed forward under the current weights.
+    stash_versions: int = 0
     model: ModelSpec = field(default_factory=ModelSpec)
     sg: SGConfig = field(default_factory=SGConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -192,6 +200,7 @@ class TrainConfig:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS,
     "balance": BALANCES,
+    "precision": PRECISIONS,
     "runtime": RUNTIMES,
     "transport": TRANSPORTS,
     "model.kind": MODEL_KINDS,
@@ -225,6 +234,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "log_every": (1, None),
     "metrics_port": (0, 65535),
     "nan_limit": (1, None),
+    "stash_versions": (0, 1 << 16),
     "sg.clip": (0.0, None),
     "sg.scale": (0.0, None),
     "model.depth": (0, 1000),

@@ -191,7 +191,7 @@ def test_check_plans_without_training(tmp_path, capsys) -> None:
     out = tmp_path / "never"
     assert cli.main(["train", "--check", "--segments", "3", "--out", str(out), "--set", "model.kind=cnn"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "config ok" and len(printed) == 2
+    assert printed[0] == "config ok" and printed[2] == "memory per stage (estimate):" and len(printed) == 6
     assert "cnn of 4 blocks in 3 segments" in printed[1] and "cut shapes [" in printed[1]
     assert not out.exists()  # --check writes nothing
 

@@ -45,3 +45,40 @@ def test_cuda_tensors_pass_through_the_in_process_transport() -> None:
     torch.testing.assert_close(got.tensor, x)
     for t in (sender, receiver):
         t.close()
+
+
+def test_the_training_set_goes_to_the_gpu_when_it_fits_else_pinned_copies(monkeypatch) -> None:
+    from dni_dist.data import device as placement
+    from dni_dist.data.device import TrainingSet
+
+    x, y = torch.randn(300, 8), torch.arange(300) % 10
+    on_gpu = TrainingSet(x, y, torch.device("cuda:0"))
+    assert on_gpu.resident and on_gpu.x.is_cuda
+    monkeypatch.setattr(placement, "DEVICE_FRACTION", 0.0)
+    pinned = TrainingSet(x, y, torch.device("cuda:0"))
+    assert not pinned.resident and not pinned.x.is_cuda
+    for (a, b), (c, d) in zip(on_gpu.batches(64, 0, 0), pinned.batches(64, 0, 0), strict=True):
+        assert a.is_cuda and c.is_cuda and torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_a_bf16_stage_step_on_the_gpu_reads_nothing_back() -> None:
+    from helpers import first_batch, stages_for
+
+    stages, data = stages_for("segments=2", "precision=bf16")
+    for stage in stages:
+        stage.module.cuda()
+        if stage.boundary is not None:
+            stage.boundary.cuda()
+    x, y = first_batch(data)
+    x, y = x.cuda(), y.cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(3):
+            (up,) = stages[0].forward(step, x, y)
+            stages[0].update(step)
+            (grad,) = stages[1].forward(step, up.tensor, up.labels)
+            stages[0].on_message(grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stages[0].check_numerics()
+    assert stages[0].stats.summary()["updates"] == 3

@@ -59,8 +59,20 @@ def _local_states(overrides: tuple[str, ...], epochs: int) -> list[dict[str, dic
         (("method=sg", "sg.target=true", "segments=3"), "grpc"),
         (("method=backprop", "segments=2"), "grpc"),
         (("method=ddg", "segments=3"), "gloo"),
+        # bf16 on the wire: both transports carry the stream's dtype byte for byte.
+        pytest.param(("method=sg", "sg.target=true", "segments=3", "precision=bf16"), "gloo", marks=pytest.mark.slow),
+        pytest.param(("method=dfa", "segments=3", "precision=bf16"), "grpc", marks=pytest.mark.slow),
     ],
-    ids=["sg-true-gloo", "sg-bootstrap-gloo", "backprop-gloo", "sg-true-grpc", "backprop-grpc", "ddg-gloo"],
+    ids=[
+        "sg-true-gloo",
+        "sg-bootstrap-gloo",
+        "backprop-gloo",
+        "sg-true-grpc",
+        "backprop-grpc",
+        "ddg-gloo",
+        "sg-true-bf16-gloo",
+        "dfa-bf16-grpc",
+    ],
 )
 def test_lockstep_ends_with_the_local_engines_parameters(overrides: tuple[str, ...], transport: str) -> None:
     """The sacred test: same order of events, so the same numbers (net and SG)."""

@@ -137,6 +137,9 @@ def test_one_non_finite_step_is_skipped_and_counted(tmp_path) -> None:
     after = [p.detach() for s in stages for p in s.module.parameters()]
     for a, b in zip(before, after, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # no stage updated from the bad step
+    # The skip happened on the device: Adam's step count did not advance either.
+    assert all(int(state["step"]) == 1 for s in stages for state in s.optimizer.state.values())
+    engine.check_numerics()  # the count is read back when an engine polls, not per step
     assert all(s.stats.nonfinite_steps == 1 for s in stages)
     engine.train_step(x, y)  # and the next clean step trains again
     again = [p.detach() for s in stages for p in s.module.parameters()]

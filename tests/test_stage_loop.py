@@ -20,6 +20,8 @@ CASES = [
     ("method=kickback", "segments=3"),
     ("method=ddg", "segments=3"),
     ("method=fdg", "segments=3"),
+    ("method=sg", "sg.target=lambda", "segments=4", "precision=bf16"),
+    ("method=ddg", "segments=3", "stash_versions=1"),
 ]
 
 

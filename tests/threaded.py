@@ -23,7 +23,9 @@ def run_threaded(
     data = load_data(cfg)
     stages = build_stages(cfg, data.input_shape, data.task)
     plan = plan_model(cfg, data.input_shape, data.task)
-    streams = all_streams(cfg.segments, plan.cut_shapes, cfg.data.batch_size, data.task, stages[-1].direct_error)
+    streams = all_streams(
+        cfg.segments, plan.cut_shapes, cfg.data.batch_size, data.task, stages[-1].direct_error, stages[0].wire_dtype
+    )
     hub = InProcessHub(capacity=4)
     transports = []
     for stage in stages:

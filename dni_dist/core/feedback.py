@@ -28,6 +28,9 @@ class _FALinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, feedback = ctx.saved_tensors
+        # Under bf16 autocast the error arrives in bf16: compute in its dtype (autograd casts
+        # each gradient back to its input's dtype).
+        x, feedback = x.to(grad_out.dtype), feedback.to(grad_out.dtype)
         grad_x = grad_out @ feedback
         grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
         grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias else None
@@ -53,6 +56,7 @@ class _FAConv2dFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, feedback = ctx.saved_tensors
+        x, feedback = x.to(grad_out.dtype), feedback.to(grad_out.dtype)  # bf16 autocast, as above
         stride, padding, w_shape = ctx.conf
         grad_x = torch.nn.grad.conv2d_input(x.shape, feedback, grad_out, stride, padding)
         grad_w = torch.nn.grad.conv2d_weight(x, w_shape, grad_out, stride, padding)

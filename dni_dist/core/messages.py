@@ -36,7 +36,7 @@ CODE_KINDS = dict(enumerate(Kind))
 
 @dataclass(frozen=True)
 class Stream:
-    """One direction between two stages and the shapes of what it carries."""
+    """One direction between two stages and the shapes and dtypes of what it carries."""
 
     src: int
     dst: int
@@ -44,6 +44,8 @@ class Stream:
     shape: tuple[int, ...]
     labels_shape: tuple[int, ...] = ()
     labels_dtype: torch.dtype = torch.long
+    # The payload's dtype: the sending stage's precision (float32, or bfloat16 with bf16).
+    dtype: torch.dtype = torch.float32
 
     @property
     def name(self) -> str:

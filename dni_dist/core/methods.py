@@ -182,10 +182,11 @@ class SyntheticBoundary(Boundary):
     def sg_loss(
         self, h: torch.Tensor, context: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_SG, SG output): 1/2 ||SG(h, y) - B dL/dh||^2 averaged over the batch."""
+        """(L_SG, SG output): 1/2 ||SG(h, y) - B dL/dh||^2 averaged over the batch, the loss
+        in float32 whatever the precision of the SG's forward pass."""
         batch = h.shape[0]
         out = self.sg(h.detach(), context)
-        return _half_sq(out, target.detach() * batch) / batch, out.detach()
+        return _half_sq(out.float(), target.detach().float() * batch) / batch, out.detach()
 
 
 class SyntheticPropBoundary(SyntheticBoundary):

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from dni_dist.core.histogram import Histogram
+from dni_dist.core.numerics import read_number
 from dni_dist.core.stage import Stage
 
 Snapshot = dict[str, Any]
@@ -47,7 +48,9 @@ class StageProbe:
         if now - wall0 >= _MIN_BUSY_WINDOW:
             self._busy_ratio = min(1.0, max(0.0, (compute - compute0) / (now - wall0)))
             self._busy_ref = (now, compute)
-        n, loss_sum, cos_sum = stats.sg_updates, stats.sg_loss_sum, stats.sg_cosine_sum
+        # Device sums: read back here, at poll time, never by the stage's own thread.
+        n = stats.sg_updates - read_number(stats.sg_masked)
+        loss_sum, cos_sum = read_number(stats.sg_loss_sum), read_number(stats.sg_cosine_sum)
         n0, loss0, cos0 = self._sg_ref
         if n > n0:
             self._sg = ((loss_sum - loss0) / (n - n0), (cos_sum - cos0) / (n - n0))

@@ -18,11 +18,22 @@ own SG (free, available at once); ``true`` on the true, delayed dL/dh, which sta
 passes on down through the weights it used in the forward pass (weight stashing, so the
 gradient is exactly backprop's for that step even though stage k+1 has updated since);
 ``lambda`` on lambda * true + (1 - lambda) * bootstrap (the DNI paper's BP(lambda) mix).
+
+No host read-backs: nothing here reads a device tensor back to the host, so on a GPU the
+CPU queues step after step without waiting. Non-finite steps are skipped on the device
+(core/numerics.py); losses, SG losses, cosines and counters of device events stay device
+tensors, read when an engine polls (``take_losses``, ``check_numerics``, ``stats.summary``).
+Wall-clock compute times are therefore the CPU's time to issue the work on a GPU.
+
+Weight stash: with ``stash_versions`` N > 0 at most N pending steps keep a copy of the
+weights; a step without one keeps no graph, and its true gradient is passed down through
+a forward recomputed from its stored input under the current weights (as a stage without
+weight stashing would). 0 stashes every pending step (exact; bounded by the in-flight limit).
 """
 
 from __future__ import annotations
 
-import math
+import random
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -34,14 +45,13 @@ from torch import nn
 from dni_dist.core.histogram import STALENESS_BOUNDS, STEP_SECONDS_BOUNDS, Histogram
 from dni_dist.core.messages import Kind, Message
 from dni_dist.core.methods import Boundary, SyntheticBoundary
+from dni_dist.core.numerics import NonFiniteLog, NumericFault, all_finite, masked_step, read_number
+from dni_dist.core.precision import autocast, wire_dtype
 from dni_dist.core.staleness import StalenessControl, StalenessPolicy
 from dni_dist.core.tasks import Task
 
 TARGET_MODES: tuple[str, ...] = ("bootstrap", "true", "lambda")
-
-
-class NumericFault(RuntimeError):
-    """Too many steps in a row produced non-finite numbers; the run must stop."""
+__all__ = ["TARGET_MODES", "NumericFault", "Stage", "StageStats"]
 
 
 @dataclass
@@ -53,14 +63,20 @@ class _Pending:
     context: torch.Tensor
     params: list[torch.Tensor]  # the tensors h's graph was built from (module params or a stash)
     forward_at: int
+    ok: torch.Tensor  # 0-dim bool on the device: all finite so far (else no update from this step)
     bootstrap: torch.Tensor | None = None
-    poisoned: bool = False  # its input or activation was not finite: no update from this step
+    stashed: bool = False  # params are this step's own copy of the weights
     seconds: float = 0.0  # compute spent on this step so far (forward, update, targets)
 
 
 @dataclass
 class StageStats:
-    """Running counters of one stage; ``summary()`` is what summary.json reports."""
+    """Running counters of one stage; ``summary()`` is what summary.json reports.
+
+    Counters of what happened on the device (SG loss and cosine sums, clipped signals,
+    masked updates) become device tensors at their first event; ``summary()`` and the
+    probe read them back. ``updates`` and the kinds of update count the optimiser steps
+    issued; ``masked_updates`` those of them the device skipped (non-finite)."""
 
     steps: int = 0
     # What each update of the segment waited for (the unified table's locking, measured):
@@ -70,30 +86,33 @@ class StageStats:
     updates_after_error: int = 0
     updates: int = 0
     skipped_updates: int = 0
+    masked_updates: int | torch.Tensor = 0
     dropped_targets: int = 0
     evicted_steps: int = 0
     sg_updates: int = 0
-    sg_loss_sum: float = 0.0
-    sg_cosine_sum: float = 0.0
+    sg_masked: int | torch.Tensor = 0
+    sg_loss_sum: float | torch.Tensor = 0.0
+    sg_cosine_sum: float | torch.Tensor = 0.0
     staleness_sum: int = 0
     # Steps with a NaN/Inf in an activation, loss, SG output or received gradient: their
-    # updates were skipped. Clipped: SG outputs scaled down to sg.clip.
+    # updates were skipped (counted when the stage's flags are checked). Clipped: SG outputs
+    # scaled down to sg.clip.
     nonfinite_steps: int = 0
-    clipped_signals: int = 0
+    clipped_signals: int | torch.Tensor = 0
     compute_seconds: float = 0.0
     # Top stage: losses of the steps since an engine last took them (take_losses), so a
     # long run does not keep one float per step forever.
-    losses: list[float] = field(default_factory=list)
+    losses: list[torch.Tensor] = field(default_factory=list)
     # Distributions for the metrics endpoint (not in summary()): compute seconds per
     # completed step, and SG target staleness in steps.
     step_seconds: Histogram = field(default_factory=lambda: Histogram(STEP_SECONDS_BOUNDS))
     staleness: Histogram = field(default_factory=lambda: Histogram(STALENESS_BOUNDS))
 
     def summary(self) -> dict[str, float | int | None]:
-        n = self.sg_updates
+        n = self.sg_updates - read_number(self.sg_masked)
         return {
             "steps": self.steps,
-            "updates": self.updates,
+            "updates": self.updates - read_number(self.masked_updates),
             "updates_without_waiting": self.updates_without_waiting,
             "updates_after_grad": self.updates_after_grad,
             "updates_after_error": self.updates_after_error,
@@ -101,11 +120,11 @@ class StageStats:
             "dropped_targets": self.dropped_targets,
             "evicted_steps": self.evicted_steps,
             "sg_updates": n,
-            "sg_loss": self.sg_loss_sum / n if n else None,
-            "sg_cosine": self.sg_cosine_sum / n if n else None,
-            "mean_staleness": self.staleness_sum / n if n else None,
+            "sg_loss": read_number(self.sg_loss_sum) / n if n else None,
+            "sg_cosine": read_number(self.sg_cosine_sum) / n if n else None,
+            "mean_staleness": self.staleness_sum / self.sg_updates if self.sg_updates else None,
             "nonfinite_steps": self.nonfinite_steps,
-            "clipped_signals": self.clipped_signals,
+            "clipped_signals": read_number(self.clipped_signals),
             "compute_seconds": self.compute_seconds,
         }
 
@@ -132,11 +151,15 @@ class Stage:
         sg_clip: float = 0.0,
         micro_batches: int = 1,
         staleness: StalenessPolicy | None = None,
+        precision: str = "fp32",
+        stash_versions: int = 0,
     ) -> None:
         if target_mode not in TARGET_MODES:
             raise ValueError(f"target mode {target_mode!r} is unknown; use one of {', '.join(TARGET_MODES)}")
         if micro_batches < 1:
             raise ValueError(f"micro_batches={micro_batches} must be >= 1")
+        if stash_versions < 0:
+            raise ValueError(f"stash_versions={stash_versions} must be >= 0")
         self.index = index
         self.num_stages = num_stages
         self.is_top = index == num_stages - 1
@@ -155,15 +178,19 @@ class Stage:
         self.direct_error = direct_error
         self.nan_limit = nan_limit
         self.sg_clip = sg_clip
-        self._bad_run = 0  # consecutive steps (by step id) that were not finite
-        self._last_bad = -2
+        self._numerics = NonFiniteLog(index, nan_limit)
+        self.precision = precision
+        self.wire_dtype = wire_dtype(precision)  # what this stage sends: activations, gradients
+        self.stash_versions = stash_versions
         # Pipelined backprop (GPipe): steps s with the same s // micro_batches form one
         # mini-batch; their gradients are averaged and the optimiser steps once, after the
         # last of them, so the update is backprop's on the concatenated batch.
         self.micro_batches = micro_batches
         self.stats = StageStats()
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
-        self._update_rng = torch.Generator().manual_seed(seed * 1009 + index)
+        # A host generator: whether to update is a host decision, never a device read-back.
+        self._update_rng = random.Random(seed * 1009 + index)
+        self._group_ok: torch.Tensor | None = None  # a GPipe group's steps all finite so far
         self._clock = 0
         learned = isinstance(boundary, SyntheticBoundary) and not boundary.update_locked
         # Weight stashing is needed wherever the segment updates before a step's true gradient
@@ -183,23 +210,29 @@ class Stage:
         context = self.task.context(labels)
         needs_input_grad = self.index > 0
         x = x.detach().requires_grad_(needs_input_grad)
-        if self._stash:
-            params = [p.detach().clone().requires_grad_(True) for p in self.module.parameters()]
-            names = [n for n, _ in self.module.named_parameters()]
-            h = torch.func.functional_call(self.module, dict(zip(names, params, strict=True)), (x,))
-        else:
-            params = list(self.module.parameters())
-            h = self.module(x)
+        stashed = self._stash and (
+            not self.stash_versions or sum(p.stashed for p in self._pending.values()) < self.stash_versions
+        )
+        with autocast(self.precision, x.device):
+            if stashed:
+                params = [p.detach().clone().requires_grad_(True) for p in self.module.parameters()]
+                names = [n for n, _ in self.module.named_parameters()]
+                h = torch.func.functional_call(self.module, dict(zip(names, params, strict=True)), (x,))
+            else:
+                params = list(self.module.parameters())
+                h = self.module(x)
         if self.is_top:
             out = self._top_step(step, x, h, labels, params)
         else:
             # Only h: a non-finite input (checked by the stage below as its h) makes h non-finite.
-            poisoned = not _finite(h)
-            pending = self._pending[step] = _Pending(x, h, context, params, self._clock, poisoned=poisoned)
+            ok = all_finite(h)
+            self._numerics.record(step, "activations", ok)
+            sent = h.detach().to(self.wire_dtype)
+            if self._stash and not stashed and self.boundary.waits_for != "nothing":
+                h = h.detach()  # no stash: the graph would see later updates; recomputed instead
+            pending = self._pending[step] = _Pending(x, h, context, params, self._clock, ok, stashed=stashed)
             self._evict_stale()
-            if poisoned:
-                self._nonfinite(step, "activations")
-            out = [Message(Kind.ACTIVATION, step, self.index, self.index + 1, h.detach(), labels)]
+            out = [Message(Kind.ACTIVATION, step, self.index, self.index + 1, sent, labels)]
         elapsed = time.perf_counter() - started
         self.stats.compute_seconds += elapsed
         if self.is_top:  # the top's step is complete here: forward, backward and update
@@ -214,21 +247,19 @@ class Stage:
             return []
         started = time.perf_counter()
         pending = self._pending[step]
-        signal = self._clip(self.boundary.signal(pending.h, pending.context, None))
+        with autocast(self.precision, pending.x.device):
+            signal = self._clip(self.boundary.signal(pending.h, pending.context, None))
         want_bootstrap = self.index > 0 and self.target_mode != "true"
-        if pending.poisoned or not _finite(signal):
-            self._nonfinite(step, "SG outputs")
-            # The stage below still waits for a bootstrap target: send one it will skip.
-            input_grad = torch.full_like(pending.x, float("nan")) if want_bootstrap else None
-        else:
-            gate = self._late.gate() if self._late is not None else None
-            input_grad = self._apply(
-                step, pending, signal, want_input_grad=want_bootstrap, keep_graph=self._stash, scale=gate
-            )
-            self.stats.updates_without_waiting += 1
+        ok = pending.ok & all_finite(signal)
+        self._numerics.record(step, "SG outputs", ok)
+        gate = self._late.gate() if self._late is not None else None
+        input_grad = self._apply(
+            step, pending, signal, want_input_grad=want_bootstrap, keep_graph=pending.stashed, scale=gate, ok=ok
+        )
+        self.stats.updates_without_waiting += 1
         out = []
-        if input_grad is not None:
-            out.append(Message(Kind.BOOTSTRAP, step, self.index, self.index - 1, input_grad))
+        if input_grad is not None:  # a skipped step sends a target the stage below skips too
+            out.append(Message(Kind.BOOTSTRAP, step, self.index, self.index - 1, self._outgoing(input_grad, ok)))
         elapsed = time.perf_counter() - started
         self.stats.compute_seconds += elapsed
         pending.seconds += elapsed
@@ -243,9 +274,9 @@ class Stage:
             self.stats.dropped_targets += 1
             return []
         started = time.perf_counter()
-        if not _finite(msg.tensor):
-            pending.poisoned = True
-            self._nonfinite(msg.step, f"{msg.kind.value} values")
+        ok = all_finite(msg.tensor)
+        self._numerics.record(msg.step, f"{msg.kind.value} values", ok)
+        pending.ok = pending.ok & ok
         if self.boundary.waits_for == "nothing":
             out = self._on_sg_target(msg, pending)
         else:
@@ -259,13 +290,31 @@ class Stage:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The segment's output in evaluation mode, in the stage's precision (the top's as
+        float32, for the loss)."""
         self.module.eval()
-        return self.module(x)
+        with autocast(self.precision, x.device):
+            out = self.module(x)
+        return out.float() if self.is_top else out.to(self.wire_dtype)
 
     def take_losses(self) -> list[float]:
-        """The top stage's per-step losses since the last call, oldest first."""
+        """The top stage's per-step losses since the last call, oldest first (one read-back)."""
+        losses = self.take_loss_tensors()
+        return torch.stack(losses).tolist() if losses else []
+
+    def take_loss_tensors(self) -> list[torch.Tensor]:
+        """The same as 0-dim device tensors, without reading them back."""
         losses, self.stats.losses = self.stats.losses, []
         return losses
+
+    def check_numerics(self) -> None:
+        """Read back the non-finite flags recorded since the last check (one read-back),
+        count the bad steps, and raise NumericFault if ``nan_limit`` came in a row.
+        Engines call it when they poll (end of a chunk or epoch), never per step."""
+        try:
+            self._numerics.check()
+        finally:
+            self.stats.nonfinite_steps = self._numerics.count
 
     @property
     def pending_steps(self) -> int:
@@ -277,7 +326,7 @@ class Stage:
         pending = self._pending.get(step)
         if pending is None:
             return []
-        return [pending.x, pending.h, pending.context, *(pending.params if self._stash else [])]
+        return [pending.x, pending.h, pending.context, *(pending.params if pending.stashed else [])]
 
     @property
     def keeps_graph(self) -> bool:
@@ -319,23 +368,23 @@ class Stage:
     def _top_step(
         self, step: int, x: torch.Tensor, output: torch.Tensor, labels: torch.Tensor, params: list[torch.Tensor]
     ) -> list[Message]:
-        loss = self.task.loss(output, labels)
-        value = float(loss.detach())
-        self.stats.losses.append(value)
+        loss = self.task.loss(output.float(), labels)  # in float32 whatever the precision
+        self.stats.losses.append(loss.detach())
+        # A non-finite input or output makes the loss non-finite; the gradients sent down are
+        # not finite either, so the stages below skip that step too.
+        ok = all_finite(loss)
+        self._numerics.record(step, "losses", ok)
         direct = self.direct_error
         extra = [output] if direct else []
         extra += [x] if (self.index > 0 and not direct) else []
         grads = torch.autograd.grad(loss, params + extra, allow_unused=True)
-        if math.isfinite(value):  # a non-finite input or output makes the loss non-finite
-            self._step_optimizer(grads[: len(params)], step)
-        else:  # the gradients sent down are not finite either: the stages below skip too
-            self._nonfinite(step, "losses")
+        self._step_optimizer(grads[: len(params)], step, ok)
         if self.index == 0:
             return []
         if direct:
-            error = grads[len(params)]
+            error = grads[len(params)].to(self.wire_dtype)
             return [Message(Kind.ERROR, step, self.index, k, error) for k in range(self.index)]
-        return [Message(Kind.GRAD, step, self.index, self.index - 1, grads[-1])]
+        return [Message(Kind.GRAD, step, self.index, self.index - 1, grads[-1].to(self.wire_dtype))]
 
     def _on_sg_target(self, msg: Message, pending: _Pending) -> list[Message]:
         if msg.kind is Kind.BOOTSTRAP and self.target_mode == "lambda":
@@ -347,12 +396,13 @@ class Stage:
             # A GRAD from the top stage is the true gradient, which is also what the top
             # would bootstrap to, so it serves every mode.
             target = msg.tensor
-        if not pending.poisoned and _finite(target):
-            self._train_sg(pending, target)
+        self._train_sg(pending, target, pending.ok & all_finite(target))
         out = []
         if self.target_mode != "bootstrap" and self.index > 0:
-            (down,) = torch.autograd.grad(pending.h, pending.x, msg.tensor)
-            out.append(Message(Kind.GRAD, msg.step, self.index, self.index - 1, down))
+            if not pending.stashed:  # over the stash budget: through the current weights
+                self._forward_again(pending)
+            (down,) = torch.autograd.grad(pending.h, pending.x, msg.tensor.to(pending.h.dtype))
+            out.append(Message(Kind.GRAD, msg.step, self.index, self.index - 1, down.to(self.wire_dtype)))
         del self._pending[msg.step]
         return out
 
@@ -363,20 +413,21 @@ class Stage:
             raise ValueError(f"stage {self.index} ({boundary.name}) got a {msg.kind.value}, expected {expected.value}")
         send_down = self.index > 0 and boundary.waits_for == "grad"
         del self._pending[msg.step]
-        if pending.poisoned:  # no update; what goes down is not finite, so the stage below skips too
-            poison = torch.full_like(pending.x, float("nan"))
-            return [Message(Kind.GRAD, msg.step, self.index, self.index - 1, poison)] if send_down else []
-        signal = boundary.signal(pending.h, pending.context, msg.tensor)
+        ok = pending.ok  # else no update; what goes down is not finite, so the stage below skips too
+        if self._stash and not pending.stashed:  # ddg over the stash budget: the current weights
+            self._forward_again(pending)
+        with autocast(self.precision, pending.x.device):
+            signal = boundary.signal(pending.h, pending.context, msg.tensor)
         if boundary.learned:  # sg-prop: the SG learns from the same target it was just given
-            self._train_sg(pending, msg.tensor)
-        input_grad = self._apply(msg.step, pending, signal, want_input_grad=send_down, keep_graph=False)
+            self._train_sg(pending, msg.tensor, ok)
+        input_grad = self._apply(msg.step, pending, signal, want_input_grad=send_down, keep_graph=False, ok=ok)
         if msg.kind is Kind.ERROR:
             self.stats.updates_after_error += 1
         else:
             self.stats.updates_after_grad += 1
         if input_grad is None:
             return []
-        return [Message(Kind.GRAD, msg.step, self.index, self.index - 1, input_grad)]
+        return [Message(Kind.GRAD, msg.step, self.index, self.index - 1, self._outgoing(input_grad, ok))]
 
     def _apply(
         self,
@@ -386,18 +437,21 @@ class Stage:
         want_input_grad: bool,
         keep_graph: bool,
         scale: torch.Tensor | None = None,
+        ok: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Backprop ``signal`` through the segment; step the optimiser (on the parameter
-        gradients times ``scale``, if given); maybe return dL/dx (never scaled)."""
+        gradients times ``scale``, if given; skipped on the device unless ``ok``); maybe
+        return dL/dx (never scaled)."""
         inputs = pending.params + ([pending.x] if want_input_grad else [])
+        signal = signal.to(pending.h.dtype)
         grads = torch.autograd.grad(pending.h, inputs, signal, retain_graph=keep_graph, allow_unused=True)
         param_grads = grads[: len(pending.params)]
         if scale is not None:
             param_grads = tuple(None if g is None else g * scale for g in param_grads)
-        self._step_optimizer(param_grads, step)
+        self._step_optimizer(param_grads, step, pending.ok if ok is None else ok)
         return grads[-1] if want_input_grad else None
 
-    def _step_optimizer(self, grads: tuple[torch.Tensor | None, ...], step: int) -> None:
+    def _step_optimizer(self, grads: tuple[torch.Tensor | None, ...], step: int, ok: torch.Tensor) -> None:
         if self.optimizer is None:
             return
         m = self.micro_batches
@@ -405,45 +459,53 @@ class Stage:
             for p, g in zip(self.module.parameters(), grads, strict=True):
                 if g is not None:
                     p.grad = g / m if p.grad is None else p.grad.add_(g, alpha=1 / m)
+            self._group_ok = ok if self._group_ok is None else self._group_ok & ok
             if (step + 1) % m:
                 return
+            ok, self._group_ok = self._group_ok, None  # one bad micro-batch skips its group
         # Stochastic updates (DNI paper): each stage updates with probability p per step
         # (per mini-batch with micro-batches). The draw happens every time so the sequence
         # does not depend on p's history.
-        draw = float(torch.rand((), generator=self._update_rng))
-        if draw >= self.update_prob:
+        if self._update_rng.random() >= self.update_prob:
             self.stats.skipped_updates += 1
             self.optimizer.zero_grad(set_to_none=True)  # drop what a group accumulated
             return
         if m == 1:
             for p, g in zip(self.module.parameters(), grads, strict=True):
                 p.grad = g
-        self.optimizer.step()
+        masked_step(self.optimizer, ok)
         self.optimizer.zero_grad(set_to_none=True)
         self.stats.updates += 1
+        self.stats.masked_updates += (~ok).long()
 
-    def _train_sg(self, pending: _Pending, target: torch.Tensor) -> None:
+    def _train_sg(self, pending: _Pending, target: torch.Tensor, ok: torch.Tensor) -> None:
+        """Train the SG on ``target`` for the pending step; skipped on the device unless ``ok``."""
         boundary = self.boundary
         assert isinstance(boundary, SyntheticBoundary) and self.sg_optimizer is not None
         staleness = self._clock - pending.forward_at
         refresh = self._late is not None and self._late.refresh()
-        h = self._recompute(pending.x) if refresh else pending.h
-        # How good the SG was for this step: its output on the step's own h, before it
-        # learns from the target (the fitting pass gives just that, unless h is refreshed).
-        prediction = boundary.predict(pending.h, pending.context) if refresh else None
-        with torch.enable_grad():
-            loss, fitted = boundary.sg_loss(h, pending.context, target)
-            self.sg_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        self.sg_optimizer.step()
-        prediction = fitted if prediction is None else prediction
-        scaled = target.flatten() * target.shape[0]
+        with autocast(self.precision, pending.x.device):
+            h = self._recompute(pending.x) if refresh else pending.h
+            # How good the SG was for this step: its output on the step's own h, before it
+            # learns from the target (the fitting pass gives just that, unless h is refreshed).
+            prediction = boundary.predict(pending.h, pending.context) if refresh else None
+            # A skipped step's h may hold NaNs: zeros keep them out of the SG's batch norm.
+            h = torch.where(ok, h.detach(), 0)
+            with torch.enable_grad():
+                loss, fitted = boundary.sg_loss(h, pending.context, target)
+        self.sg_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        masked_step(self.sg_optimizer, ok)
+        prediction = (fitted if prediction is None else prediction).float()
+        scaled = target.float().flatten() * target.shape[0]
         if self._late is not None:
-            self._late.observe(prediction, scaled.view_as(prediction), staleness)
+            self._late.observe(prediction, scaled.view_as(prediction), staleness, ok)
         cosine = torch.nn.functional.cosine_similarity(prediction.flatten(), scaled, dim=0, eps=1e-12)
         self.stats.sg_updates += 1
-        self.stats.sg_loss_sum += float(loss.detach())
-        self.stats.sg_cosine_sum += float(cosine)
+        self.stats.sg_masked += (~ok).long()
+        # float64 sums: a long run adds millions of terms
+        self.stats.sg_loss_sum += torch.where(ok, loss.detach(), 0).double()
+        self.stats.sg_cosine_sum += torch.where(ok, cosine, 0).double()
         self.stats.staleness_sum += staleness
         self.stats.staleness.observe(staleness)
 
@@ -458,46 +520,57 @@ class Stage:
             return self.module(x.detach())
         return torch.func.functional_call(self.module, buffers, (x.detach(),))
 
+    def _forward_again(self, pending: _Pending) -> None:
+        """Rebuild a step's graph from its stored input under the current weights (a step
+        that has no weight stash), batch-norm statistics left as they were."""
+        x = pending.x.detach().requires_grad_(self.index > 0)
+        buffers = {name: b.clone() for name, b in self.module.named_buffers()}
+        with torch.enable_grad(), autocast(self.precision, x.device):
+            self.module.train()
+            pending.h = torch.func.functional_call(self.module, buffers, (x,)) if buffers else self.module(x)
+        pending.x = x
+        pending.params = list(self.module.parameters())
+
     def _clip(self, signal: torch.Tensor) -> torch.Tensor:
         """Scale each example's SG output down to norm ``sg_clip`` (in per-example units)."""
         if not self.sg_clip:
             return signal
-        per_example = signal.flatten(1).norm(dim=1) * signal.shape[0]
+        per_example = signal.float().flatten(1).norm(dim=1) * signal.shape[0]
         factor = (self.sg_clip / per_example.clamp_min(1e-12)).clamp(max=1.0)
-        self.stats.clipped_signals += int((factor < 1).sum())
-        return signal * factor.view(-1, *([1] * (signal.dim() - 1)))
+        self.stats.clipped_signals += (factor < 1).sum()
+        return (signal * factor.view(-1, *([1] * (signal.dim() - 1)))).to(signal.dtype)
 
-    def _nonfinite(self, step: int, what: str) -> None:
-        """Count a non-finite step; ``nan_limit`` consecutive step ids stop the run."""
-        if step == self._last_bad:
-            return
-        self.stats.nonfinite_steps += 1
-        self._bad_run = self._bad_run + 1 if step == self._last_bad + 1 else 1
-        self._last_bad = step
-        if self._bad_run >= self.nan_limit:
-            raise NumericFault(
-                f"stage {self.index}: {self._bad_run} steps in a row (to step {step}) had non-finite {what}; "
-                "their updates were skipped. Lower optim.lr / sg.lr, or set sg.clip"
-            )
+    def _outgoing(self, grad: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """A gradient to send down: NaN where the step was skipped (the receiver skips it
+        too), in the wire's dtype."""
+        return torch.where(ok, grad, float("nan")).to(self.wire_dtype)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything a restarted stage needs to continue exactly (between steps only)."""
         if self._pending:
             raise RuntimeError(f"stage {self.index}: cannot checkpoint with {len(self._pending)} steps in flight")
+        self.check_numerics()  # the flags since the last poll belong to this state
         # Plain containers only (histograms as dicts), so checkpoints load with weights_only.
-        stats = {k: asdict(v) if isinstance(v, Histogram) else v for k, v in vars(self.stats).items() if k != "losses"}
+        # Device counters as numbers: a checkpoint is read back on another device, or none.
+        stats = {
+            k: asdict(v) if isinstance(v, Histogram) else read_number(v)
+            for k, v in vars(self.stats).items()
+            if k != "losses"
+        }
         return {
             "module": self.module.state_dict(),
             "boundary": None if self.boundary is None else self.boundary.state_dict(),
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "sg_optimizer": None if self.sg_optimizer is None else self.sg_optimizer.state_dict(),
-            "update_rng": self._update_rng.get_state(),
+            "update_rng": self._update_rng.getstate(),
+            "numerics": self._numerics.state_dict(),
             "late_targets": None if self._late is None else self._late.state_dict(),
             "clock": self._clock,
             "stats": stats,
             # Gradients a GPipe group has accumulated so far (a chunk may end inside a group).
             "accumulated": [p.grad for p in self.module.parameters()] if self.micro_batches > 1 else None,
+            "accumulated_ok": self._group_ok,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -508,7 +581,11 @@ class Stage:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.sg_optimizer is not None:
             self.sg_optimizer.load_state_dict(state["sg_optimizer"])
-        self._update_rng.set_state(state["update_rng"])
+        if isinstance(state["update_rng"], tuple):  # older checkpoints: a torch generator's state
+            self._update_rng.setstate(state["update_rng"])
+        if "numerics" in state:
+            self._numerics.load_state_dict(state["numerics"])
+        self._group_ok = state.get("accumulated_ok")
         if self._late is not None:
             self._late.load_state_dict(state["late_targets"])
         self._clock = state["clock"]
@@ -525,7 +602,3 @@ class Stage:
         while len(self._pending) > self.window:
             self._pending.popitem(last=False)
             self.stats.evicted_steps += 1
-
-
-def _finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t).all())

@@ -84,14 +84,20 @@ class StalenessControl:
         return self.reliability
 
     @torch.no_grad()
-    def observe(self, prediction: torch.Tensor, target: torch.Tensor, staleness: int) -> None:
-        """One arrived target: the SG's prediction for it (same units) and how late it came."""
+    def observe(
+        self, prediction: torch.Tensor, target: torch.Tensor, staleness: int, ok: torch.Tensor | None = None
+    ) -> None:
+        """One arrived target: the SG's prediction for it (same units) and how late it came.
+        ``ok`` false (a skipped, non-finite step, known only on the device): the reliability
+        keeps its value (a first one starts at 0, trusting the SG not at all)."""
         error = (prediction - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
         r = (1.0 - error).clamp_min(0.0)
         if self.reliability is None:  # the first target: the means start at its values
-            self.reliability, self.staleness = r, float(staleness)
+            self.reliability = r if ok is None else torch.where(ok, r, 0.0)
+            self.staleness = float(staleness)
         else:
-            self.reliability = _EMA * self.reliability + (1 - _EMA) * r
+            updated = _EMA * self.reliability + (1 - _EMA) * r
+            self.reliability = updated if ok is None else torch.where(ok, updated, self.reliability)
             self.staleness = _EMA * self.staleness + (1 - _EMA) * staleness
         if self.policy.delay_lr and self.optimizer is not None:
             factor = 1.0 / (1.0 + math.sqrt(self.staleness) / self.policy.delay_lr) if self.late else 1.0

@@ -67,7 +67,9 @@ class Task:
         if self.per_token:  # integer targets (B, T): the SG looks them up in an embedding
             return y.long()
         if self.kind == "classification" and self.n_outputs > 1:
-            return F.one_hot(y.long(), self.n_outputs).float()
+            # Not F.one_hot: it reads the labels' range back to the host on every call.
+            classes = torch.arange(self.n_outputs, device=y.device)
+            return (y.long().view(-1, 1) == classes).float()
         if self.kind == "classification":  # binary, one logit: the 0/1 label itself
             return y.float().view(-1, 1)
         return y.float()

@@ -37,8 +37,9 @@ class LocalEngine:
         # What a waiting step holds, per stage (summary.json); lockstep needs no in-flight limit.
         self.meters = [PendingMeter() for _ in stages]
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One lockstep step; returns the top stage's loss for this batch."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One lockstep step; returns the top stage's loss for this batch, a 0-dim tensor on
+        its device (reading it back every step would make the CPU wait for the device)."""
         step = self.step
         self.step += 1
         queue: deque[Message] = deque()
@@ -46,7 +47,7 @@ class LocalEngine:
         self._route(queue, now=step)
         while self._held and self._held[0].step + self.delay <= step:
             self._route(deque([self._held.popleft()]), now=step)
-        return self.stages[-1].take_losses()[-1]
+        return self.stages[-1].take_loss_tensors()[-1]
 
     def drain(self) -> None:
         """Deliver every held target now (a pipeline drained at a snapshot or the end)."""
@@ -73,8 +74,15 @@ class LocalEngine:
         queue.extend(self.meters[stage.index].forward(stage, step, x, y))
         queue.extend(stage.update(step))
 
+    def check_numerics(self) -> None:
+        """Every stage's non-finite check (see Stage.check_numerics): at poll time."""
+        for stage in self.stages:
+            stage.check_numerics()
+
     def train(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-        return [self.train_step(x, y) for x, y in batches]
+        losses = [self.train_step(x, y) for x, y in batches]
+        self.check_numerics()
+        return torch.stack(losses).tolist() if losses else []
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:

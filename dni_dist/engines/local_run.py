@@ -32,7 +32,9 @@ class LocalRun:
         """Steps ``offset .. offset + count - 1`` of ``epoch``'s batch order."""
         d, bs = self.dataset, self.config.data.batch_size
         order = batches(d.x_train, d.y_train, bs, self.config.seed, epoch)
-        return [self.engine.train_step(x, y) for x, y in islice(order, offset, offset + count)]
+        losses = [self.engine.train_step(x, y) for x, y in islice(order, offset, offset + count)]
+        self.engine.check_numerics()  # the chunk's one read-back of the flags, and of the losses
+        return torch.stack(losses).tolist() if losses else []
 
     def stage_states(self) -> list[dict[str, Any]]:
         self.engine.drain()  # held targets are delivered first, as a drained pipeline would
@@ -44,7 +46,7 @@ class LocalRun:
         self.engine.step = step
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.engine.predict(x)
+        return self.engine.predict(x, batch_size=self.config.data.batch_size)
 
     def stage_summaries(self) -> list[dict[str, Any]]:
         # One step at a time: no in-flight limit applies (in_flight_limit is None).

@@ -24,9 +24,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from dni_dist.builder import build_stages, load_data, plan_model
 from dni_dist.config import TrainConfig
 from dni_dist.core.imports import import_root, resolve
+from dni_dist.core.precision import enable_tf32, wire_dtype
 from dni_dist.core.probe import Snapshot, StageProbe
 from dni_dist.core.tasks import Task
-from dni_dist.data import Dataset, batches
+from dni_dist.data import Dataset
+from dni_dist.data.device import TrainingSet
 from dni_dist.engines.placement import check_grpc_reach, gpu_share, stage_bundles
 from dni_dist.engines.stage_loop import StageLoop
 from dni_dist.engines.wiring import all_streams, streams_of
@@ -68,8 +70,11 @@ class StageWorker:
         self.stage.module.to(self.device)
         if self.stage.boundary is not None:
             self.stage.boundary.to(self.device)
+        enable_tf32(self.device)
         # Stage 0 loads the named data set itself; data that only the driver has comes along.
         self.data: Dataset | None = None if index else data or load_data(config)
+        # Stage 0's training set on its device once, if it fits (data/device.py).
+        self.train_set = TrainingSet(self.data.x_train, self.data.y_train, self.device) if self.data else None
         self.loop: StageLoop | None = None
         self.busy = [0.0, 0.0]  # compute seconds, wall seconds
         self.probe = StageProbe(self.stage, config.data.batch_size)
@@ -151,10 +156,9 @@ class StageWorker:
         """Steps ``offset .. offset + steps - 1`` of ``epoch`` (numbered from ``first_step``)."""
         assert self.loop is not None
         inputs = None
-        if self.data is not None:
-            batch = self.config.data.batch_size
-            order = batches(self.data.x_train, self.data.y_train, batch, self.config.seed, epoch)
-            inputs = ((x.to(self.device), y.to(self.device)) for x, y in islice(order, offset, offset + steps))
+        if self.train_set is not None:
+            order = self.train_set.batches(self.config.data.batch_size, self.config.seed, epoch)
+            inputs = islice(order, offset, offset + steps)
         report = self.loop.run_epoch(first_step, steps, inputs)
         self.busy[0] += report.compute_seconds
         self.busy[1] += report.wall_seconds
@@ -168,7 +172,10 @@ class StageWorker:
         }
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stage.predict(x.to(self.device)).cpu()
+        """The segment's output for ``x``, in chunks of the batch size: evaluation needs no
+        more device memory than a training step."""
+        chunks = x.split(self.config.data.batch_size)
+        return torch.cat([self.stage.predict(c.to(self.device)).cpu() for c in chunks])
 
     def snapshot(self) -> Snapshot:
         """Metrics now; runs on the actor's second thread while ``run_epoch`` holds the first."""
@@ -326,7 +333,7 @@ class RayRun:
             raise ConfigError(f"{problem}; ship the module with the job (ray job submit --working-dir, or py_modules)")
         plan = plan_model(cfg, self.dataset.input_shape, task)
         direct = cfg.method in ("dfa", "kickback")
-        streams = all_streams(k, plan.cut_shapes, cfg.data.batch_size, task, direct)
+        streams = all_streams(k, plan.cut_shapes, cfg.data.batch_size, task, direct, wire_dtype(cfg.precision))
         if cfg.transport == "grpc":
             run_id = f"{self.run_id}-g{self.generation}"  # a stage refuses streams from any other run
             addresses = ray.get([a.listen.remote(streams, run_id) for a in self.actors], timeout=cfg.dist.timeout)

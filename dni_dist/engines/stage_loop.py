@@ -100,6 +100,7 @@ class StageLoop:
         else:
             messages = self._async(first_step, steps, per_step, inputs)
         self.transport.flush(self.timeout)
+        stage.check_numerics()  # the epoch's non-finite flags, read back once
         return EpochReport(
             wall_seconds=time.perf_counter() - started,
             compute_seconds=stage.stats.compute_seconds - compute_before,

@@ -18,6 +18,7 @@ from dni_dist.config import TrainConfig
 from dni_dist.core.partition import segment_loads
 from dni_dist.data import Dataset
 from dni_dist.errors import ConfigError
+from dni_dist.operations import memory
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -40,8 +41,10 @@ def _check_gpus(config: TrainConfig) -> None:
 
 
 def preflight(config: TrainConfig, dataset: Dataset | None = None) -> str:
-    """Raise ConfigError for anything that would fail while building the run; else return
-    a one-line plan (blocks, cuts, shapes, parameter counts and FLOPs per step per segment). ``dataset``:
+    """Raise ConfigError for anything that would fail while building the run, a stage that
+    cannot fit its device included; else return a one-line plan (blocks, cuts, shapes,
+    parameter counts and FLOPs per step per segment) and the memory estimate per stage
+    (operations/memory.py), one line each. ``dataset``:
     the run's data when the caller has loaded it already (else it is loaded here)."""
     _check_gpus(config)
     if dataset is None:
@@ -53,10 +56,11 @@ def preflight(config: TrainConfig, dataset: Dataset | None = None) -> str:
     # FA swaps each layer for a twin of the same shape, drawing seeds with .item(), which the
     # meta device cannot do; the plan (shapes and parameters) is backprop's.
     shaped = dataclasses.replace(config, method="backprop") if config.method == "fa" else config
+    boundaries = []
     with torch.device("meta"):
         plan = plan_model(shaped, dataset.input_shape, task)
         for k, shape in enumerate(plan.cut_shapes):
-            make_boundary(config, task, k, shape)
+            boundaries.append(make_boundary(config, task, k, shape))
     blocks = [len(segment) for segment in plan.segments]
     cuts = [sum(blocks[: i + 1]) for i in range(len(blocks) - 1)]
     params = [_count(segment) for segment in plan.segments]
@@ -65,12 +69,18 @@ def preflight(config: TrainConfig, dataset: Dataset | None = None) -> str:
     gflops = [f"{load / 1e9:.3g}" for load in segment_loads(costs.top, cuts, costs.after, costs.below)]
     model = config.model.factory or config.model.kind
     where = f"runtime={config.runtime}" + (f" transport={config.transport}" if config.runtime == "ray" else "")
+    # Memory last: a run that cannot fit its devices is refused with the plan's shapes known.
+    placed = memory.devices(config)
+    needs = memory.estimate(
+        config, plan.segments, dataset.input_shape, plan.cut_shapes, boundaries, task.n_outputs, placed
+    )
+    memory.check_fit(needs, placed)
     return (
         f"plan: {config.method} on {dataset.name} {_shape(dataset.input_shape)} ({n_train} train, "
         f"{n_train // config.data.batch_size} steps/epoch), {model} of {sum(blocks)} blocks in "
         f"{config.segments} segments, cuts {_brief(cuts)}, cut shapes {_brief([_shape(s) for s in plan.cut_shapes])}, "
         f"params per segment {_brief(params)} ({math.fsum(params):.0f} total), GFLOP per stage step "
-        f"{_brief(gflops)}, {where}"
+        f"{_brief(gflops)}, {where}\n{memory.report(needs, placed)}"
     )
 
 

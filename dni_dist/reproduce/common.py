@@ -58,6 +58,7 @@ def fit(
     for epoch in range(epochs):
         for x, y in batches(d.x_train, d.y_train, batch, cfg.seed, epoch):
             run.engine.train_step(x, y)
+        run.engine.check_numerics()  # non-finite steps are judged once per epoch, not per step
         if (epoch + 1) % every == 0 or epoch + 1 == epochs:
             record = {"epoch": epoch + 1, "train_loss": run.loss_on(d.x_train, d.y_train)}
             if d.task.kind == "classification":

@@ -239,7 +239,7 @@ class Layout:
 
     @classmethod
     def of(cls, stream: Stream) -> Layout:
-        dtype = getattr(stream, "dtype", torch.float32)  # the stream's wire dtype where it has one
+        dtype = stream.dtype  # the stages' precision
         payload_bytes = _numel(stream.shape) * _itemsize(dtype)
         labels_at = HEADER_BYTES + -(-payload_bytes // 8) * 8
         labels_bytes = _numel(stream.labels_shape) * _itemsize(stream.labels_dtype) if stream.up else 0

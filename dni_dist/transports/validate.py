@@ -32,7 +32,8 @@ class WireViolation(TransportError):
 
 def stream_bytes(stream: Stream) -> int:
     """Bytes of one message on ``stream`` as ``message_bytes`` counts them."""
-    n = torch.Size(stream.shape).numel() * 4 + 16  # float32 payload + the (kind, step) header
+    itemsize = torch.empty((), dtype=stream.dtype).element_size()
+    n = torch.Size(stream.shape).numel() * itemsize + 16  # the payload + the (kind, step) header
     if stream.up:
         n += torch.Size(stream.labels_shape).numel() * torch.empty((), dtype=stream.labels_dtype).element_size()
     return n
@@ -87,8 +88,9 @@ class StreamGuard:
     def _check_tensors(self, msg: Message) -> None:
         stream = self.stream
         tensor = msg.tensor
-        if tensor.dtype != torch.float32 or tuple(tensor.shape) != stream.shape:
-            raise self._fail(msg.step, f"tensor {tensor.dtype}{tuple(tensor.shape)} is not float32{stream.shape}")
+        if tensor.dtype != stream.dtype or tuple(tensor.shape) != stream.shape:
+            want = f"{str(stream.dtype).removeprefix('torch.')}{stream.shape}"
+            raise self._fail(msg.step, f"tensor {tensor.dtype}{tuple(tensor.shape)} is not {want}")
         if stream.up:
             labels = msg.labels
             if labels is None:

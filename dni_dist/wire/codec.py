@@ -25,8 +25,16 @@ KIND_TO_WIRE = {
     Kind.ERROR: pb.KIND_ERROR,
 }
 WIRE_TO_KIND = {v: k for k, v in KIND_TO_WIRE.items()}
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.long, "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int64": torch.long,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# numpy has no bfloat16: its bytes travel through numpy as int16 and are viewed back.
+_BYTES_AS = {torch.bfloat16: torch.int16}
 
 
 class WireError(ValueError):
@@ -34,7 +42,13 @@ class WireError(ValueError):
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu").contiguous().numpy()
+    t = t.detach().to("cpu").contiguous()
+    return t.view(_BYTES_AS.get(t.dtype, t.dtype)).numpy()
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype holding a tensor of ``dtype``'s bytes."""
+    return torch.empty(0, dtype=_BYTES_AS.get(dtype, dtype)).numpy().dtype
 
 
 def tensor_chunks(t: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.Tensor]:
@@ -63,7 +77,7 @@ def message_frames(msg: Message, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.
 
 
 def handshake(stream: Stream, run_id: str) -> pb.Frame:
-    specs = [pb.TensorSpec(name="payload", dtype="float32", shape=stream.shape)]
+    specs = [pb.TensorSpec(name="payload", dtype=DTYPE_NAMES[stream.dtype], shape=stream.shape)]
     if stream.up:
         specs.append(pb.TensorSpec(name="labels", dtype=DTYPE_NAMES[stream.labels_dtype], shape=stream.labels_shape))
     return pb.Frame(
@@ -126,10 +140,10 @@ class Assembler:
             raise WireError(f"chunk of step {part.step} inside step {self._step}")
         elif chunk.chunk_count != self._count:
             raise WireError(f"step {part.step}: chunk_count changed from {self._count} to {chunk.chunk_count}")
-        if chunk.dtype != "float32" or tuple(chunk.shape) != self.stream.shape:
-            raise WireError(
-                f"step {part.step}: tensor {chunk.dtype}{tuple(chunk.shape)} is not float32{self.stream.shape}"
-            )
+        want = DTYPE_NAMES[self.stream.dtype]
+        if chunk.dtype != want or tuple(chunk.shape) != self.stream.shape:
+            got = f"{chunk.dtype}{tuple(chunk.shape)}"
+            raise WireError(f"step {part.step}: tensor {got} is not {want}{self.stream.shape}")
         assert self._raw is not None
         if not chunk.data and len(self._raw):
             raise WireError(f"step {part.step}: chunk {chunk.chunk_index} carries no bytes")
@@ -145,9 +159,8 @@ class Assembler:
             raise WireError(f"step {part.step}: {self._offset} bytes for a tensor of {len(self._raw)}")
         self._expect_index = 0
         assert self._buffer is not None
-        return Message(
-            self._kind, self._step, self.stream.src, self.stream.dst, torch.from_numpy(self._buffer), self._labels
-        )
+        tensor = torch.from_numpy(self._buffer).view(self.stream.dtype)
+        return Message(self._kind, self._step, self.stream.src, self.stream.dst, tensor, self._labels)
 
     @property
     def partial(self) -> bool:
@@ -158,7 +171,7 @@ class Assembler:
         # Step order and duplicates are the stream guard's job (transports/validate.py).
         if part.step < 0:
             raise WireError(f"step {part.step} is negative")
-        self._buffer = np.empty(self.stream.shape, dtype=np.float32)
+        self._buffer = np.empty(self.stream.shape, dtype=_numpy_dtype(self.stream.dtype))
         self._raw = memoryview(self._buffer).cast("B")
         # Every chunk but that of an empty tensor carries bytes, so a tensor has at most as
         # many chunks as bytes: a peer cannot keep a stream waiting on empty chunks.

@@ -1,0 +1,114 @@
+"""Memory: the per-stage estimate of ``train --check``, the refusal of a run that cannot
+fit its device, and the bounded weight stash (``stash_versions``)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import stages_for
+
+from dni_dist import cli
+from dni_dist.data import batches
+from dni_dist.engines.local import LocalEngine
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dni-dist: error: "), err
+    return err
+
+
+def test_check_prints_an_estimate_per_stage(capsys) -> None:
+    assert cli.main(["train", "--check", "--segments", "3", "--runtime", "ray", "--set", "precision=bf16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "memory per stage (estimate):"
+    stages = lines[3:]
+    assert [line.split(":")[0].strip() for line in stages] == ["stage 0", "stage 1", "stage 2"]
+    for part in ("params", "optimizer", "SG", "stash", "pending", "working", "cpu (host memory"):
+        assert all(part in line for line in stages), part
+    assert "stash 0 B" not in stages[1]  # true targets above stage 0 stash weights
+
+
+def test_a_run_too_big_for_the_host_is_refused_with_one_line(capsys) -> None:
+    args = ["train", "--check", "--set", "model.width=131072", "--set", "model.depth=4"]
+    assert cli.main(args) == 2
+    err = _one_error_line(capsys)
+    assert "stage 0 needs about" in err and "GiB" in err and "host memory" in err
+
+
+def test_a_stage_too_big_for_its_gpu_is_refused_naming_the_gpu(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=8 << 20))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    base = ["train", "--check", "--runtime", "ray", "--segments", "2"]
+    assert cli.main([*base, "--set", "model.width=2048"]) == 2  # about 17 MiB per stage
+    err = _one_error_line(capsys)
+    assert "stage 0 needs about" in err and "cuda:0 has 8 MiB" in err
+    assert cli.main([*base, "--set", "model.width=64"]) == 0  # a small one fits
+    assert "cuda:1: 8 MiB" in capsys.readouterr().out
+
+
+def test_the_estimate_of_a_waiting_step_is_near_what_the_run_measures(capsys) -> None:
+    from dni_dist.core.pending import PendingMeter
+
+    stages, data = stages_for("segments=3", "method=sg", "sg.target=true", "data.batch_size=32")
+    meter = PendingMeter()
+    x, y = next(batches(data.x_train, data.y_train, 32, 0, 0))
+    (up,) = stages[0].forward(0, x, y)
+    meter.forward(stages[1], 0, up.tensor, up.labels)
+    params = sum(p.numel() * 4 for p in stages[1].module.parameters())
+    measured = meter.step_bytes - params  # the meter counts the step's stash with it
+    assert cli.main(["train", "--check", "--segments", "3", "--set", "data.batch_size=32"]) == 0
+    line = capsys.readouterr().out.splitlines()[4]
+    estimated = line.split("pending 1 x ")[1].split(",")[0]
+    value, unit = estimated.split()
+    estimate = float(value) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20}[unit]
+    assert 0.5 * measured <= estimate <= 2 * measured, (estimate, measured)
+
+
+def _stash_bytes(stage) -> tuple[int, int]:
+    """(pending steps holding a weight copy, the bytes of those copies)."""
+    copies = [p.params for p in stage._pending.values() if p.stashed]
+    return len(copies), sum(t.nbytes for params in copies for t in params)
+
+
+@pytest.mark.parametrize("versions", [0, 2])
+def test_the_weight_stash_holds_at_most_stash_versions_copies(versions: int) -> None:
+    stages, data = stages_for("segments=3", "method=sg", "sg.target=true", f"stash_versions={versions}")
+    engine = LocalEngine(stages, delay=8)  # targets 8 steps late: 8 or 9 steps wait at stage 1
+    params = sum(p.numel() * p.element_size() for p in stages[1].module.parameters())
+    most = 0
+    losses = []
+    for epoch in range(2):
+        for x, y in batches(data.x_train, data.y_train, 64, 0, epoch):
+            losses.append(engine.train_step(x, y))
+            pending = stages[1].pending_steps
+            most = max(most, pending)
+            copies, held = _stash_bytes(stages[1])
+            assert copies <= versions if versions else copies == pending
+            assert held == copies * params
+    assert most >= 8
+    engine.drain()
+    engine.check_numerics()
+    values = torch.stack(losses).tolist()
+    assert sum(values[-10:]) < 0.5 * sum(values[:10])  # the bounded stash still learns
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("precision=fp16", "precision='fp16'"),
+        ("precision=", "precision=''"),
+        ("precision=1", "precision='1'"),
+        ("stash_versions=-1", "stash_versions=-1"),
+        ("stash_versions=1.5", "stash_versions=1.5"),
+        ("stash_versions=true", "stash_versions=True"),
+        ("stash_versions=100000", "stash_versions=100000"),
+    ],
+)
+def test_bad_values_of_the_new_keys_are_one_line_and_exit_2(setting: str, named: str, capsys) -> None:
+    assert cli.main(["train", "--check", "--set", setting]) == 2
+    assert named in _one_error_line(capsys)
