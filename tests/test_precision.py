@@ -65,3 +65,19 @@ def test_the_stream_guard_checks_the_streams_dtype_and_sizes_it() -> None:
     guard.check(Message(Kind.GRAD, 0, 1, 0, torch.zeros(8, 5, dtype=torch.bfloat16)))
     with pytest.raises(WireViolation, match=r"is not bfloat16\(8, 5\)"):
         guard.check(Message(Kind.BOOTSTRAP, 0, 1, 0, torch.zeros(8, 5)))
+
+
+@pytest.mark.parametrize("method", ["backprop", "dfa"])
+def test_bf16_fixed_boundaries_pass_a_small_gradient_on_intact(method: str) -> None:
+    """Backprop's target is h - dL/dh: in bf16 a small dL/dh would vanish against |h|."""
+    from dni_dist.core.methods import build_boundary
+    from dni_dist.core.precision import autocast
+
+    torch.manual_seed(0)
+    boundary = build_boundary(method, None, (64,), 10, 0)
+    h = (torch.randn(8, 64) * 4).to(torch.bfloat16)
+    received = torch.randn(8, 64 if method == "backprop" else 10) * 1e-3
+    with autocast("bf16", h.device):
+        got = boundary.signal(h, torch.zeros(8, 10), received.to(torch.bfloat16)).float()
+    want = received if method == "backprop" else received @ boundary.projection.T
+    assert (got - want).norm() / want.norm() < 0.02

@@ -73,12 +73,14 @@ class _FixedSGBoundary(Boundary):
     def signal(self, h: torch.Tensor, context: torch.Tensor, received: torch.Tensor | None) -> torch.Tensor:
         if received is None:
             raise ValueError(f"{self.name} needs the {self.waits_for} from above before it can update")
-        with torch.enable_grad():
-            h = h.detach().requires_grad_(True)
-            out = self.fixed_sg(h)
-            target = (out - received).detach()  # the table's target, e.g. h - dL/dh for backprop
-            (g,) = torch.autograd.grad(_half_sq(out, target), h)
-        return g
+        # In float32 whatever the stage's precision: for backprop the target is h - dL/dh,
+        # and in bf16 a small dL/dh is lost against |h| in that difference.
+        with torch.enable_grad(), torch.autocast(h.device.type, enabled=False):
+            h32 = h.detach().float().requires_grad_(True)
+            out = self.fixed_sg(h32)
+            target = (out - received.float()).detach()  # the table's target, e.g. h - dL/dh for backprop
+            (g,) = torch.autograd.grad(_half_sq(out, target), h32)
+        return g.to(h.dtype)
 
 
 class BackpropBoundary(_FixedSGBoundary):

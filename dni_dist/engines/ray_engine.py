@@ -269,7 +269,11 @@ class RayRun:
         self.config = config
         self.dataset = dataset
         self.started_ray = connect_ray(config)
-        self.data_ref = ray.put(dataset) if in_memory or config.data.factory else None
+        # The text corpus too: read from files on the driver's machine (or its own Python's
+        # standard library), it could differ on stage 0's node and disagree with the driver's
+        # steps per epoch and test set.
+        shipped = in_memory or bool(config.data.factory) or config.data.name == "text"
+        self.data_ref = ray.put(dataset) if shipped else None
         root = import_root(config.model.factory) if config.model.factory else None
         self.import_paths = (root, os.getcwd()) if root else (os.getcwd(),)
         self.actors: list[Any] = []

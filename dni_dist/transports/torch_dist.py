@@ -177,8 +177,11 @@ class TorchDistTransport(Transport):
         with torch.cuda.stream(link_stream):
             yield link_stream
 
-    def _post(self, stream: Stream, msg: Message) -> tuple[Any, torch.Tensor]:
-        """Pack the message into its link's fixed layout and post the send."""
+    def _send_one(self, stream: Stream, msg: Message) -> None:
+        """On the link's send thread: pack the message into its link's fixed layout and send
+        it. gloo waits here until sent (and, carrying CUDA tensors, for the copy to the
+        host); NCCL's wait, made inside the link's stream context, only makes the link's
+        stream wait (outside it, it would hold up the compute stream)."""
         layout = Layout.of(stream)
         with self._on_link(stream) as link_stream:
             ready = getattr(msg, "ready", None)
@@ -198,13 +201,7 @@ class TorchDistTransport(Transport):
             if stream.up:
                 assert msg.labels is not None
                 layout.labels(buffer).copy_(msg.labels, non_blocking=self.nccl)
-            return dist.isend(buffer, stream.dst, group=self.groups[layout.link]), buffer
-
-    def _send_one(self, stream: Stream, msg: Message) -> None:
-        """On the link's send thread: gloo waits here until sent (and, carrying CUDA tensors,
-        for the copy to the host); NCCL's wait only makes the link's stream wait."""
-        work, _buffer = self._post(stream, msg)
-        work.wait()
+            dist.isend(buffer, stream.dst, group=self.groups[layout.link]).wait()
 
     def _receive_one(self, stream: Stream) -> Message:
         layout = Layout.of(stream)
