@@ -67,6 +67,7 @@ def test_segments_accepts_repeats_and_comma_lists() -> None:
         (["--segments", "4", "--micro-batches", "2", "--methods", "1f1b"], "1f1b needs"),
         (["--target-accuracy", "0.9"], "does not take --target-accuracy"),
         (["--windows", "1"], "--windows 1"),
+        (["--set", "model.kind=transformer"], "use a language-modelling set (data.name=text)"),
     ],
 )
 def test_bad_bench_options_exit_2_before_starting_anything(capsys, tmp_path, args, message) -> None:

@@ -172,6 +172,19 @@ def open_run(method: str, segments: int, spec: Spec) -> tuple[MethodRun, Any]:
     return TorchRun(method, config, segments, spec.micro_batches), data
 
 
+def check_plans(ks: list[int], methods: list[str], spec: Spec) -> None:
+    """Plan every run on the meta device before anything starts: a model that does not fit
+    the data (``--set`` can choose both) is one line here, not an actor's death later."""
+    from dni_dist.builder import load_data, plan_model
+
+    for k in ks:
+        for method in methods:
+            config = config_for(method, k, spec)
+            data = load_data(config)
+            with torch.device("meta"):
+                plan_model(config, data.input_shape, data.task)
+
+
 class RaySession:
     """Join RAY_ADDRESS, or start a local Ray with just the logical CPUs the largest K needs
     (K actors x cpus_per_stage, which backprop-1dev gets as one actor)."""
@@ -205,6 +218,7 @@ def sweep(
     brief: Callable[[dict[str, Any]], str],
 ) -> list[dict[str, Any]]:
     """Every method at every K, one after another in one Ray session; a line per result."""
+    check_plans(ks, methods, spec)
     session = RaySession(max(ks), spec.cpus_per_stage)
     results = []
     try:
