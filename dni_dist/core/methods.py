@@ -75,7 +75,8 @@ class _FixedSGBoundary(Boundary):
             raise ValueError(f"{self.name} needs the {self.waits_for} from above before it can update")
         # In float32 whatever the stage's precision: for backprop the target is h - dL/dh,
         # and in bf16 a small dL/dh is lost against |h| in that difference.
-        with torch.enable_grad(), torch.autocast(h.device.type, enabled=False):
+        device_type = "cuda" if h.is_cuda else "cpu"  # autocast knows no "meta" (cost counting)
+        with torch.enable_grad(), torch.autocast(device_type, enabled=False):
             h32 = h.detach().float().requires_grad_(True)
             out = self.fixed_sg(h32)
             target = (out - received.float()).detach()  # the table's target, e.g. h - dL/dh for backprop
