@@ -133,11 +133,13 @@ def estimate(
     input_shape: tuple[int, ...],
     cut_shapes: list[tuple[int, ...]],
     boundaries: list[Boundary],
-    n_outputs: int,
+    output_values: int,
     where: list[Device],
 ) -> list[StageMemory]:
     """Every stage's estimate; ``segments`` and ``boundaries`` built on the meta device,
-    ``where`` each stage runs (a GPU's default pending budget is half of it)."""
+    ``where`` each stage runs (a GPU's default pending budget is half of it).
+    ``output_values``: the values of one example's output, which is also the size of the
+    one-hot context and of a direct error a waiting step keeps (T x V for a language model)."""
     batch = config.data.batch_size
     half = config.precision == "bf16"
     shrink = 0.5 if half else 1.0  # activations under bf16 autocast: two bytes a value
@@ -158,7 +160,7 @@ def estimate(
             learned_unlocked = not boundary.update_locked
             stashes = (learned_unlocked and k > 0 and config.sg.target != "bootstrap") or boundary.runs_ahead
             keeps_graph = stashes or boundary.waits_for != "nothing"
-            step_bytes = x_bytes + h_bytes + batch * n_outputs * 4 + (graph if keeps_graph else 0)
+            step_bytes = x_bytes + h_bytes + batch * output_values * 4 + (graph if keeps_graph else 0)
             budget = config.dist.pending_memory or where[k].pending_default
             pending_steps = _waiting_steps(config, k, boundary, step_bytes + (params if stashes else 0), budget)
             if stashes:
