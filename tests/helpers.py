@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from dni_dist.builder import build_stages, load_data
@@ -58,3 +65,25 @@ def start_local_ray(cpus: int = 2) -> None:
             ray.shutdown()
             if attempt:
                 raise
+
+
+def run_script_or_fail(args: list[str], timeout: float, what: str) -> subprocess.CompletedProcess[str]:
+    """Run a Python script with the repository on its path, in its own session, so that on
+    a timeout every process it started is killed and the test fails (a hang never blocks CI)."""
+    root = str(Path(__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{what} did not finish in {timeout:.0f} s")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

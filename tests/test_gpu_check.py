@@ -4,35 +4,18 @@ takes the same code path at a tiny size (so the script cannot rot between GPU ru
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_script_or_fail
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "gpu_check.py"
 
 
 def _run(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"gpu_check did not finish in {timeout:.0f} s")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_script_or_fail([str(SCRIPT), *args], timeout, "gpu_check")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -4,14 +4,12 @@ on every rank; K=4 stages in 4 processes over gloo, every method, under a hard t
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_script_or_fail
 
 from dni_dist.core.messages import Stream
 from dni_dist.engines.wiring import all_streams
@@ -23,22 +21,7 @@ HARD_TIMEOUT_S = 240  # a hang fails the test here, whatever happens inside
 
 def _run_ranks(out: Path, methods: list[str]) -> subprocess.CompletedProcess[str]:
     """The 4 ranks in their own session, so a timeout can kill them all (no orphan ranks)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "link_ranks.py"), str(out), *methods],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        stdout, _ = proc.communicate(timeout=HARD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"the ranks did not finish in {HARD_TIMEOUT_S} s: a hang")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "")
+    return run_script_or_fail([str(HERE / "link_ranks.py"), str(out), *methods], HARD_TIMEOUT_S, "the ranks (a hang)")
 
 
 def test_links_are_made_in_one_order_whatever_order_the_streams_come_in() -> None:
@@ -59,7 +42,7 @@ def test_k4_every_method_runs_over_per_link_gloo_groups_without_hanging(tmp_path
     out = tmp_path / "ranks.json"
     methods = ["backprop", "sg", "sg-prop", "fa", "dfa", "kickback", "ddg"]
     done = _run_ranks(out, methods)
-    assert done.returncode == 0, done.stdout[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = json.loads(out.read_text())
     from link_ranks import STEPS
 
@@ -77,7 +60,7 @@ def test_k4_every_method_runs_over_per_link_gloo_groups_without_hanging(tmp_path
 def test_a_message_keeps_its_kind_step_and_labels_over_the_wire(tmp_path) -> None:
     """Header, payload and labels go as one batch: what arrives is what was sent."""
     done = _run_ranks(tmp_path / "echo.json", ["--echo"])
-    assert done.returncode == 0, done.stdout[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def _task():
