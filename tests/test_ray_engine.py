@@ -5,7 +5,6 @@ One Ray session for the whole module (starting Ray costs seconds on 2 cores).
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import pytest
@@ -142,23 +141,25 @@ def test_a_slowed_stage_keeps_the_other_flat_and_every_step_runs_once(tmp_path) 
 @pytest.mark.slow
 @pytest.mark.parametrize("segments", [3, 4])
 def test_async_k3_k4_reach_the_local_accuracy_band(tmp_path, segments: int) -> None:
-    """Async Ray loses no more accuracy than its staleness explains.
+    """Async Ray loses no more accuracy than its staleness explains, seed by seed.
 
     The reference is the local engine holding every SG target K-1 steps: the latest a
     target can come with K steps in flight (the automatic limit for true targets), where
     Ray's stages see 0.7-2.4 steps on average. So the band measures what the engine adds
     beyond the staleness itself, and the reference does not depend on the run's timing.
-    Compared as medians over three seeds: on digits one seed moves the local engine alone
-    by about 3 points at K=4 (0.989 at seed 0, 0.962 at seed 1), more than the band, and
-    on a loaded machine one async run in a dozen fell to 0.88-0.91 at K=4.
+    Each seed is compared with its own reference (one seed alone moves the local engine by
+    about 3 points at K=4: 0.989 at seed 0, 0.962 at seed 1), and two seeds of three must
+    be in the band: about one async run in ten ends 4-10 points low (0.94 at K=3 and 0.88
+    at K=4 seen), a known, not yet explained fault that this test tolerates once, not twice.
     """
-    distributed, local = [], []
+    results = []
     for seed in (0, 1, 2):
         common = (SETTLED, f"segments={segments}", f"seed={seed}")
-        distributed.append(train(config(*RAY, *common, f"out={tmp_path / 'ray'}"))["test_accuracy"])
+        distributed = train(config(*RAY, *common, f"out={tmp_path / 'ray'}"))["test_accuracy"]
         reference = config(*common, f"sg.delay={segments - 1}", f"out={tmp_path / 'local'}")
-        local.append(train(reference)["test_accuracy"])
-    assert statistics.median(distributed) >= statistics.median(local) - 0.02, (distributed, local)
+        results.append((distributed, train(reference)["test_accuracy"]))
+    in_band = [ray_accuracy >= local_accuracy - 0.02 for ray_accuracy, local_accuracy in results]
+    assert sum(in_band) >= 2, results
 
 
 @pytest.mark.slow
