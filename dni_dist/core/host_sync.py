@@ -36,6 +36,13 @@ def _device_to_host(func: Any, args: tuple, kwargs: dict) -> bool:
     return src.device.type != "cpu" and target is not None and torch.device(target).type == "cpu"
 
 
+def _record(counts: Counter[str], on_sync: Callable[[str], None] | None, what: str) -> None:
+    """Count one host read-back (both modes see different kinds) and report it."""
+    counts[what] += 1
+    if on_sync is not None:
+        on_sync(what)
+
+
 class _DispatchCounter(TorchDispatchMode):
     def __init__(self, counts: Counter[str], on_sync: Callable[[str], None] | None) -> None:
         super().__init__()
@@ -50,9 +57,7 @@ class _DispatchCounter(TorchDispatchMode):
         elif func in _COPIES and _device_to_host(func, args, kwargs):
             what = "device to host copy"
         if what is not None:
-            self.counts[what] += 1
-            if self.on_sync is not None:
-                self.on_sync(what)
+            _record(self.counts, self.on_sync, what)
         return func(*args, **kwargs)
 
 
@@ -65,9 +70,7 @@ class _FunctionCounter(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         what = _HOST_VIEWS.get(func)
         if what is not None:
-            self.counts[what] += 1
-            if self.on_sync is not None:
-                self.on_sync(what)
+            _record(self.counts, self.on_sync, what)
         return func(*args, **(kwargs or {}))
 
 
