@@ -133,6 +133,10 @@ class DistConfig:
     max_restarts: int = 3
     # Largest message (payload + labels) a stage accepts from the wire, in bytes.
     max_message_bytes: int = 1 << 30
+    # Scheduling priority of the stage actors' processes. Ray starts its workers at nice 15
+    # so that its own daemons stay responsive; a stage is the pipeline's critical path, and at
+    # 15 any process at 0 (the driver, a data loader, a neighbour's job) takes its core first.
+    niceness: int = 0
     # gRPC security: off loopback, TLS (PEM files) and a shared token are required. The
     # token is read from the environment variable named here, never from the config
     # (summary.json records the config).
@@ -263,6 +267,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "dist.timeout": (1.0, _MAX_WAIT),
     "dist.capacity": (1, 4096),
     "dist.max_in_flight": (0, 4096),
+    "dist.niceness": (0, 19),
     "dist.pending_memory": (0, 1 << 50),
     "dist.chunk_bytes": (1024, 1 << 30),
     "dist.slow_stage": (-1, 64),

@@ -23,6 +23,7 @@ def test_overrides_parse_yaml_scalars() -> None:
     [
         ("sg.target=future", "sg.target='future' is unknown"),
         ("update_prob=1.5", "update_prob=1.5 is out of range"),
+        ("dist.niceness=-5", "dist.niceness=-5 is out of range"),
         ("segments=true", "segments=True must be an integer"),
         ("model=3", "model must be a mapping"),
         ("sg.colour=red", "unknown config key 'sg.colour'"),

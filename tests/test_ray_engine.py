@@ -109,6 +109,7 @@ def test_async_k2_reaches_the_local_accuracy_band(tmp_path, transport: str) -> N
         assert {"steps", "busy_fraction", "mean_staleness", "dropped_targets", "sg_loss", "sg_cosine"} <= stage.keys()
         assert 0.0 < stage["busy_fraction"] <= 1.0
         assert stage["steps"] == distributed["steps"]
+        assert stage["niceness"] == 0  # dist.niceness, not Ray's default of 15 for workers
     assert distributed["stages"][0]["sg_cosine"] > 0.2
     # clean shutdown: every CPU of the session is free again (actors and placement group gone;
     # Ray releases them asynchronously)

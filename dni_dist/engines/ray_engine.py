@@ -210,6 +210,7 @@ class StageWorker:
         stats["busy_fraction"] = self.busy[0] / self.busy[1] if self.busy[1] else 0.0
         stats["parameters"] = sum(p.numel() for p in self.stage.module.parameters())
         stats["device"] = str(self.device)
+        stats["niceness"] = os.getpriority(os.PRIO_PROCESS, 0)  # what dist.niceness got (Ray applies it)
         if self.loop is not None:
             stats.update(self.loop.pending_summary())
         if self.transport is not None:
@@ -318,6 +319,9 @@ class RayRun:
                     name=f"dni-{self.run_id[:8]}-g{self.generation}-stage{i}",
                     num_cpus=cpus,
                     num_gpus=gpus_per_stage,
+                    # Ray's core worker renices itself to this at start (default 15); merged
+                    # with the job's runtime_env, so --working-dir and the user's env stay.
+                    runtime_env={"env_vars": {"RAY_worker_niceness": str(cfg.dist.niceness)}},
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         self.pg, placement_group_bundle_index=bundles[i]
                     ),
