@@ -13,7 +13,6 @@ import contextlib
 import os
 import resource
 import uuid
-from itertools import islice
 from typing import Any
 
 import ray
@@ -157,8 +156,9 @@ class StageWorker:
         assert self.loop is not None
         inputs = None
         if self.train_set is not None:
-            order = self.train_set.batches(self.config.data.batch_size, self.config.seed, epoch)
-            inputs = islice(order, offset, offset + steps)
+            # Only this chunk's batches: skipped ones would be gathered (and copied) for nothing.
+            size, seed = self.config.data.batch_size, self.config.seed
+            inputs = self.train_set.batches(size, seed, epoch, offset, offset + steps)
         report = self.loop.run_epoch(first_step, steps, inputs)
         self.busy[0] += report.compute_seconds
         self.busy[1] += report.wall_seconds
