@@ -11,8 +11,8 @@
   GPU request comes from ``dist.device``/``dist.gpus_per_stage`` as well as from what the
   cluster has now. When the stages need more than the cluster has, the run waits for it to
   grow, up to ``dist.scale_timeout`` (``wait_limit``), unless the cluster is known not to
-  grow that far (``check_ceiling``: our own local Ray, or an autoscaler whose node groups'
-  maxima Ray publishes), which stops at once. Every refusal is one line naming the key.
+  grow that far (``check_ceiling``: our own local Ray, or a cluster whose node groups'
+  maxima are published to Ray), which stops at once. Every refusal is one line naming the key.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def gpu_share(gpus: float, stages: int, transport: str) -> float:
         return 1.0
     if transport == "nccl":
         raise ConfigError(
-            f"transport=nccl needs one GPU per stage ({stages}), the cluster has {gpus:g}; use transport=gloo"
+            f"transport=nccl needs one GPU per stage ({stages}), the cluster has {gpus:g}; use transport=gloo, "
+            "or dist.device=cuda to wait for an autoscaling cluster to add GPUs"
         )
     if gpus <= 0:
         return 0.0

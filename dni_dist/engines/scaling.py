@@ -24,9 +24,10 @@ QUIET_WAIT = 1.0  # a group ready within this says nothing
 
 def cluster_ceiling(started_here: bool) -> tuple[dict[str, float] | None, str]:
     """(the most of each resource the cluster can ever have, why), or (None, "") when not
-    known. Our own local Ray cannot grow. An autoscaler that publishes its node groups
-    (KubeRay and the cluster launcher with Ray's autoscaler v2) gives their maxima; Ray
-    exposes them only through a private call, so any failure there means "not known"."""
+    known. Our own local Ray cannot grow. A cluster whose node groups are published to
+    Ray's GCS gives their maxima (the check Ray Train makes before it waits for its own
+    placement group); Ray exposes them only through a private call, so any failure there,
+    or nothing published, means "not known" and the caller waits."""
     if started_here:
         return dict(ray.cluster_resources()), "this local Ray cannot grow (dist.address joins a cluster)"
     try:
