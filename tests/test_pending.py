@@ -103,3 +103,25 @@ def test_stages_above_0_keep_their_waiting_steps_within_the_budget() -> None:
     for stage in stages:  # nothing lost or evicted by the holding
         assert stage.stats.steps == 20 and stage.stats.dropped_targets == stage.stats.evicted_steps == 0
         assert stage.pending_steps == 0
+
+
+def test_a_stage_with_a_bounded_stash_lets_more_steps_wait_in_the_same_budget() -> None:
+    from helpers import stages_for
+
+    from dni_dist.core.pending import PendingMeter
+    from dni_dist.data import batches
+
+    def meter_of(versions: int) -> PendingMeter:
+        stages, data = stages_for("segments=3", "sg.target=true", f"stash_versions={versions}")
+        x, y = next(batches(data.x_train, data.y_train, 64, 0, 0))
+        (up,) = stages[0].forward(0, x, y)
+        meter = PendingMeter()
+        meter.forward(stages[1], 0, up.tensor, up.labels)
+        return meter
+
+    every, bounded = meter_of(0), meter_of(2)
+    assert every.step_bytes == bounded.step_bytes and bounded.stash_bytes > 0  # the first step stashes
+    budget = 10 * every.step_bytes
+    assert every.steps_within(budget) == 10
+    plain = bounded.step_bytes - bounded.stash_bytes
+    assert bounded.steps_within(budget) == 2 + 8 * every.step_bytes // plain > 10
