@@ -103,6 +103,17 @@ class DistConfig:
     address: str | None = None
     num_cpus: int | None = None
     cpus_per_stage: float | None = None
+    # Stages on GPUs: auto = when the cluster has GPUs now; cuda = always (an autoscaling
+    # cluster without a GPU node yet adds one when the stages ask); cpu = never.
+    device: str = "auto"
+    # Each stage's GPU share (Ray num_gpus, at most one GPU); 0 = derived: a whole GPU when
+    # the cluster has one per stage, else 1/ceil(K/gpus) (dist.device=cuda on a cluster
+    # with no GPU yet: a whole one).
+    gpus_per_stage: float = 0.0
+    # Seconds to wait for the cluster to grow when the stages need more than it has (an
+    # autoscaler adding nodes), with a progress line on stderr every 10 s. A cluster that
+    # already has the resources waits dist.timeout for them to free.
+    scale_timeout: float = 600.0
     timeout: float = 300.0
     capacity: int = 4
     # Steps stage 0 may have waiting for targets (unlocked methods; locked ones keep one step
@@ -220,6 +231,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": OPTIMIZERS,
     "dist.schedule": ("async", "lockstep"),
     "dist.placement": ("pack", "spread"),
+    "dist.device": ("auto", "cpu", "cuda"),
     "progress": ("auto", "bar", "lines", "off"),
 }
 # Longest wait a thread primitive accepts (threading.TIMEOUT_MAX is about 292 years on
@@ -265,6 +277,8 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "dist.num_cpus": (1, 1 << 20),
     "dist.cpus_per_stage": (0.01, 1024.0),
     "dist.timeout": (1.0, _MAX_WAIT),
+    "dist.gpus_per_stage": (0.0, 1.0),
+    "dist.scale_timeout": (1.0, _MAX_WAIT),
     "dist.capacity": (1, 4096),
     "dist.max_in_flight": (0, 4096),
     "dist.niceness": (0, 19),
@@ -493,6 +507,13 @@ def _check_cross(config: TrainConfig) -> None:
     d = config.dist
     if d.slow_stage >= config.segments:
         raise ConfigError(f"dist.slow_stage={d.slow_stage} names no stage; use -1..{config.segments - 1}")
+    if d.device == "cpu" and (d.gpus_per_stage or config.transport == "nccl"):
+        asked = f"dist.gpus_per_stage={d.gpus_per_stage:g}" if d.gpus_per_stage else "transport=nccl"
+        raise ConfigError(f"dist.device=cpu but {asked} needs GPUs; use dist.device=cuda or auto")
+    if config.transport == "nccl" and 0 < d.gpus_per_stage < 1:
+        raise ConfigError(
+            f"dist.gpus_per_stage={d.gpus_per_stage:g}: transport=nccl needs a whole GPU per stage; use 1 or gloo"
+        )
     if (d.grpc_tls_cert is None) != (d.grpc_tls_key is None):
         raise ConfigError(
             f"dist.grpc_tls_cert={d.grpc_tls_cert!r} and dist.grpc_tls_key={d.grpc_tls_key!r}: give both or neither"

@@ -43,3 +43,27 @@ def test_yaml_must_be_a_mapping(tmp_path) -> None:
         load_config(str(path))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        (["dist.device=gpu"], "dist.device='gpu'"),
+        (["dist.device=1"], "dist.device='1'"),
+        (["dist.gpus_per_stage=1.5"], "dist.gpus_per_stage=1.5"),
+        (["dist.gpus_per_stage=-0.5"], "dist.gpus_per_stage=-0.5"),
+        (["dist.gpus_per_stage=half"], "dist.gpus_per_stage='half'"),
+        (["dist.scale_timeout=0"], "dist.scale_timeout=0"),
+        (["dist.scale_timeout=nan"], "dist.scale_timeout="),
+        (["dist.device=cpu", "dist.gpus_per_stage=0.5"], "dist.gpus_per_stage=0.5"),
+        (["dist.device=cpu", "transport=nccl"], "dist.device=cpu"),
+        (["transport=nccl", "dist.gpus_per_stage=0.5"], "dist.gpus_per_stage=0.5"),
+    ],
+)
+def test_bad_placement_keys_are_one_line_and_exit_2(settings: list[str], named: str, capsys) -> None:
+    from dni_dist import cli
+
+    args = ["train", "--check", "--runtime", "ray", *(a for s in settings for a in ("--set", s))]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dni-dist: error: ") and named in err, err

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import config
 from helpers import stages_for, train_steps
 
+from dni_dist.core.host_sync import count_host_syncs
 from dni_dist.data import batches
 from dni_dist.data.device import TrainingSet
 from dni_dist.engines.local import LocalEngine
@@ -43,3 +45,35 @@ def test_the_training_set_gives_the_batches_of_the_epochs_order() -> None:
     assert placed.resident
     for (x, y), (x2, y2) in zip(placed.batches(64, 3, 1), batches(data.x_train, data.y_train, 64, 3, 1), strict=True):
         assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+@pytest.mark.parametrize("placement", ["auto", "device", "host"])
+def test_on_a_cpu_every_placement_is_plain_indexing_of_the_epochs_order(placement: str) -> None:
+    """No pinning without CUDA: the batches are bit for bit the device-resident path's."""
+    _, data = stages_for()
+    placed = TrainingSet(data.x_train, data.y_train, torch.device("cpu"), placement)
+    assert placed.resident and placed.x is data.x_train  # no copy of the set
+    with count_host_syncs() as counts:
+        got = list(placed.batches(64, 3, 1))
+    assert not any(counts.values())
+    expected = list(batches(data.x_train, data.y_train, 64, 3, 1))
+    assert len(got) == len(expected) == len(data.x_train) // 64
+    for (x, y), (x2, y2) in zip(got, expected, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2) and not x.is_pinned()
+
+
+def test_a_chunk_of_an_epoch_is_the_same_slice_of_its_order() -> None:
+    """A Ray stage runs an epoch in chunks (``offset``, ``steps``): each chunk gets exactly
+    its batches of the epoch's order."""
+    _, data = stages_for()
+    placed = TrainingSet(data.x_train, data.y_train, torch.device("cpu"))
+    whole = list(placed.batches(64, 0, 2))
+    chunk = list(placed.batches(64, 0, 2, 5, 9))
+    assert len(chunk) == 4
+    for (x, y), (x2, y2) in zip(chunk, whole[5:9], strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_an_unknown_placement_is_refused() -> None:
+    with pytest.raises(ValueError, match="placement='disk'"):
+        TrainingSet(torch.zeros(4, 2), torch.zeros(4), torch.device("cpu"), "disk")

@@ -61,6 +61,31 @@ def test_the_training_set_goes_to_the_gpu_when_it_fits_else_pinned_copies(monkey
         assert a.is_cuda and c.is_cuda and torch.equal(a, c) and torch.equal(b, d)
 
 
+def test_host_placement_prefetches_pinned_batches_on_a_side_stream_without_host_syncs() -> None:
+    from dni_dist.data import batches
+    from dni_dist.data.device import TrainingSet
+
+    x, y = torch.randn(1000, 32), torch.arange(1000) % 10
+    resident = TrainingSet(x, y, torch.device("cuda:0"), "device")
+    host = TrainingSet(x, y, torch.device("cuda:0"), "host")
+    assert resident.x.is_cuda and not host.resident and not host.x.is_cuda
+    expected = list(batches(x, y, 64, 1, 2))
+    torch.cuda.synchronize()
+    got = []
+    torch.cuda.set_sync_debug_mode("error")  # a host wait in the copy path raises here
+    try:
+        for (a, b), (c, d) in zip(resident.batches(64, 1, 2), host.batches(64, 1, 2), strict=True):
+            assert c.is_cuda and d.is_cuda
+            got.append(((c * 2).sum() + d.sum(), (a * 2).sum() + b.sum()))  # compute reads the copy
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(got) == len(expected)
+    for prefetched, on_device in got:
+        assert torch.equal(prefetched, on_device)
+    for (a, b), (c, d) in zip(expected, host.batches(64, 1, 2), strict=True):
+        assert torch.equal(a, c.cpu()) and torch.equal(b, d.cpu())
+
+
 def test_a_bf16_stage_step_on_the_gpu_reads_nothing_back() -> None:
     from helpers import first_batch, stages_for
 

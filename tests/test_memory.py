@@ -61,12 +61,19 @@ def test_the_estimate_of_a_waiting_step_is_near_what_the_run_measures(capsys) ->
     meter.forward(stages[1], 0, up.tensor, up.labels)
     params = sum(p.numel() * 4 for p in stages[1].module.parameters())
     measured = meter.step_bytes - params  # the meter counts the step's stash with it
+    plain = meter.step_bytes - meter.stash_bytes  # a step without a weight copy: no graph either
     assert cli.main(["train", "--check", "--segments", "3", "--set", "data.batch_size=32"]) == 0
     line = capsys.readouterr().out.splitlines()[4]
-    estimated = line.split("pending 1 x ")[1].split(",")[0]
-    value, unit = estimated.split()
-    estimate = float(value) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20}[unit]
+    every, graph = line.split("pending 1 x ")[1].split(",")[0].split(" + graphs ")
+    estimate_plain, estimate_graph = _bytes_of(every), _bytes_of(graph)
+    assert 0.5 * plain <= estimate_plain <= 2 * plain, (estimate_plain, plain)
+    estimate = estimate_plain + estimate_graph
     assert 0.5 * measured <= estimate <= 2 * measured, (estimate, measured)
+
+
+def _bytes_of(text: str) -> float:
+    value, unit = text.split()
+    return float(value) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20}[unit]
 
 
 def _stash_bytes(stage) -> tuple[int, int]:
@@ -112,3 +119,40 @@ def test_the_weight_stash_holds_at_most_stash_versions_copies(versions: int) -> 
 def test_bad_values_of_the_new_keys_are_one_line_and_exit_2(setting: str, named: str, capsys) -> None:
     assert cli.main(["train", "--check", "--set", setting]) == 2
     assert named in _one_error_line(capsys)
+
+
+def _fake_gpus(monkeypatch, count: int, total_memory: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=total_memory))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def test_stage_0_counts_the_training_set_the_run_would_keep_on_its_gpu(monkeypatch, capsys) -> None:
+    from dni_dist.data import device as placement
+
+    _fake_gpus(monkeypatch, 2, 64 << 20)
+    base = ["train", "--check", "--runtime", "ray", "--segments", "2", "--set", "model.width=64"]
+    assert cli.main(base) == 0
+    first, second = capsys.readouterr().out.splitlines()[3:5]
+    # digits: 1437 x 64 float32 inputs and int64 labels, well under a quarter of 64 MiB
+    assert "data 348 KiB" in first and "data" not in second
+    # The same rule as the run's: when the set would stay on the host, it is not counted.
+    monkeypatch.setattr(placement, "DEVICE_FRACTION", 0.001)
+    assert cli.main(base) == 0
+    assert "data" not in capsys.readouterr().out.splitlines()[3]
+
+
+def test_a_bounded_stash_raises_the_steps_that_fit_the_pending_budget(capsys) -> None:
+    def stage_1(*settings: str) -> str:
+        args = ["train", "--check", "--runtime", "ray", "--segments", "4", "--set", "dist.pending_memory=1200000"]
+        assert cli.main([*args, *(a for s in settings for a in ("--set", s))]) == 0
+        return capsys.readouterr().out.splitlines()[4]
+
+    def waiting(line: str) -> int:
+        return int(line.split("pending ")[1].split(" x ")[0])
+
+    every, bounded = stage_1(), stage_1("stash_versions=1")
+    # 1.2 MB: two steps with a weight copy (515 KiB each); one copy, then 130 KiB a step: the need, 4
+    assert (waiting(every), waiting(bounded)) == (2, 4)
+    assert "stash 0 B" not in bounded

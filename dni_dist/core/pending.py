@@ -62,17 +62,44 @@ def auto_in_flight(num_stages: int, target_mode: str) -> int:
     return target_hops(num_stages, target_mode) + 1
 
 
+def steps_within(budget_bytes: int, step_bytes: int, stash_bytes: int = 0, stash_versions: int = 0) -> int:
+    """The most waiting steps ``budget_bytes`` holds, at least one. A step holds ``step_bytes``
+    if it keeps a weight stash, ``stash_bytes`` less if not (the copies and the graph built on
+    them); with ``stash_versions`` N > 0 only the first N waiting steps keep one (core/stage.py),
+    so every step beyond them costs only what is left. N = 0: every step keeps one."""
+    if not stash_versions or not stash_bytes or budget_bytes < stash_versions * step_bytes:
+        return max(1, budget_bytes // step_bytes)
+    plain = step_bytes - stash_bytes
+    if plain <= 0:  # a step without a stash holds nothing measurable: memory does not bound it
+        return _UNBOUNDED
+    return min(_UNBOUNDED, stash_versions + (budget_bytes - stash_versions * step_bytes) // plain)
+
+
+# steps_within's answer when memory sets no bound (above any in-flight limit config allows).
+_UNBOUNDED = 1 << 30
+
+
 def in_flight_limit(
-    requested: int, num_stages: int, target_mode: str, budget_bytes: int, step_bytes: int | None
+    requested: int,
+    num_stages: int,
+    target_mode: str,
+    budget_bytes: int,
+    step_bytes: int | None,
+    stash_bytes: int = 0,
+    stash_versions: int = 0,
 ) -> tuple[int, str]:
     """(limit, what set it): ``explicit`` (``requested`` > 0 is taken as given), ``memory``
-    (``budget_bytes // step_bytes`` steps, at least one) or ``pipeline`` (``auto_in_flight``).
-    ``step_bytes`` None: not measured yet (before the first step): the pipeline's need."""
+    (``steps_within`` the budget, at least one) or ``pipeline`` (``auto_in_flight``).
+    ``step_bytes`` None: not measured yet (before the first step): the pipeline's need.
+    ``stash_bytes``, ``stash_versions``: see ``steps_within`` (a bounded stash lets more
+    steps fit)."""
     if requested > 0:
         return requested, "explicit"
     need = auto_in_flight(num_stages, target_mode)
-    if step_bytes and budget_bytes // step_bytes < need:
-        return max(1, budget_bytes // step_bytes), "memory"
+    if step_bytes:
+        fit = steps_within(budget_bytes, step_bytes, stash_bytes, stash_versions)
+        if fit < need:
+            return fit, "memory"
     return need, "pipeline"
 
 
@@ -93,10 +120,16 @@ class PendingMeter:
     copies the graph saves), plus the input, activation and context kept for the SG, plus
     the bootstrap target a lambda stage holds until the true one comes. Live parameters
     and buffers are not counted: they exist whatever the pipeline's depth.
+
+    ``stash_bytes``: the part of ``step_bytes`` that only a step with a weight stash holds
+    (the copies and the graph built on them). The first step always gets a stash, so it is
+    measured there; with ``stash_versions`` N > 0 only N waiting steps hold it.
     """
 
     def __init__(self) -> None:
         self.step_bytes: int | None = None
+        self.stash_bytes = 0
+        self.stash_versions = 0
         self.peak_steps = 0
 
     def forward(self, stage: Stage, step: int, x: torch.Tensor, labels: torch.Tensor) -> list[Message]:
@@ -105,34 +138,54 @@ class PendingMeter:
             saved: list[torch.Tensor] = []
             with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
                 out = stage.forward(step, x, labels)
-            self.step_bytes = _step_bytes(stage, step, saved)
+            self.step_bytes, self.stash_bytes = _step_bytes(stage, step, saved)
+            self.stash_versions = stage.stash_versions
         else:
             out = stage.forward(step, x, labels)
         self.peak_steps = max(self.peak_steps, stage.pending_steps)
         return out
 
+    def steps_within(self, budget_bytes: int) -> int:
+        """The most waiting steps ``budget_bytes`` holds here (measured first)."""
+        assert self.step_bytes, "measured on the first step"
+        return steps_within(budget_bytes, self.step_bytes, self.stash_bytes, self.stash_versions)
+
     def summary(self) -> dict[str, int | None]:
         step = self.step_bytes or 0
+        stashed = min(self.peak_steps, self.stash_versions) if self.stash_versions else self.peak_steps
         return {
             "pending_step_bytes": step,
+            "pending_stash_bytes": self.stash_bytes,
             "peak_pending_steps": self.peak_steps,
-            "peak_pending_bytes": step * self.peak_steps,
+            "peak_pending_bytes": (step - self.stash_bytes) * self.peak_steps + self.stash_bytes * stashed,
         }
 
 
-def _step_bytes(stage: Stage, step: int, saved: list[torch.Tensor]) -> int:
+def _step_bytes(stage: Stage, step: int, saved: list[torch.Tensor]) -> tuple[int, int]:
+    """(what pending ``step`` holds, the part of it only a step with a weight stash holds)."""
     kept = stage.pending_tensors(step)
     if not kept:  # not pending (the top; a step evicted at once): it holds nothing
-        return 0
-    tensors = kept + (saved if stage.keeps_graph else [])
+        return 0, 0
     live = {_storage(t) for t in (*stage.module.parameters(), *stage.module.buffers())}
+    extra = kept[1].numel() * kept[1].element_size() if stage.down_messages_per_step > 1 else 0
+    # extra: a lambda stage's bootstrap target, shaped like h
+    total = _held(kept + (saved if stage.keeps_graph else []), live) + extra
+    if not stage.stashes_weights:
+        return total, 0
+    # A step without a stash keeps input, activation and context only: its graph is freed by
+    # its update (sg) or never kept (ddg, fdg); its gradient goes through a recomputed forward.
+    return total, total - (_held(kept[:3], live) + extra)
+
+
+def _held(tensors: list[torch.Tensor], live: set[int]) -> int:
+    """Bytes of ``tensors`` not in ``live`` storages, one storage counted once however many
+    views of it were saved."""
     held: dict[int, int] = {}
     for t in tensors:
         key = _storage(t)
-        if key not in live:  # one storage counted once, however many views of it were saved
+        if key not in live:
             held[key] = max(held.get(key, 0), t.numel() * t.element_size())
-    extra = kept[1].numel() * kept[1].element_size() if stage.down_messages_per_step > 1 else 0
-    return sum(held.values()) + extra  # extra: a lambda stage's bootstrap target, shaped like h
+    return sum(held.values())
 
 
 def _storage(t: torch.Tensor) -> int:

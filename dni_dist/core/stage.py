@@ -329,6 +329,11 @@ class Stage:
         return [pending.x, pending.h, pending.context, *(pending.params if pending.stashed else [])]
 
     @property
+    def stashes_weights(self) -> bool:
+        """Do this stage's waiting steps keep a copy of the weights (up to ``stash_versions``)?"""
+        return self._stash
+
+    @property
     def keeps_graph(self) -> bool:
         """Does a pending step keep its forward graph (saved tensors) until a target arrives?
         Locked methods backprop the signal through it; stashing stages pass the true gradient."""

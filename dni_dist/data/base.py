@@ -40,10 +40,15 @@ def batches(
     The last incomplete batch is dropped so every step has the same shapes (the
     distributed engine's wire format and batch-norm statistics rely on that).
     """
+    for idx in batch_indices(len(x), batch_size, seed, epoch, x.device):
+        yield x[idx], y[idx]
+
+
+def batch_indices(n: int, batch_size: int, seed: int, epoch: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """The sample indices of each of ``batches``' mini-batches, on ``device``."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     # Drawn on the host (the same order on any device), moved once per epoch: data on a GPU
     # is then gathered there without a host-to-device copy per batch.
-    perm = torch.randperm(len(x), generator=generator).to(x.device)
-    for start in range(0, len(x) - batch_size + 1, batch_size):
-        idx = perm[start : start + batch_size]
-        yield x[idx], y[idx]
+    perm = torch.randperm(n, generator=generator).to(device)
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield perm[start : start + batch_size]

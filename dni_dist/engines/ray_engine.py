@@ -13,7 +13,6 @@ import contextlib
 import os
 import resource
 import uuid
-from itertools import islice
 from typing import Any
 
 import ray
@@ -29,7 +28,8 @@ from dni_dist.core.probe import Snapshot, StageProbe
 from dni_dist.core.tasks import Task
 from dni_dist.data import Dataset
 from dni_dist.data.device import TrainingSet
-from dni_dist.engines.placement import check_grpc_reach, gpu_share, stage_bundles
+from dni_dist.engines.placement import check_grpc_reach, stage_bundles, stage_cpus, stage_gpus
+from dni_dist.engines.scaling import wait_for_placement
 from dni_dist.engines.stage_loop import StageLoop
 from dni_dist.engines.wiring import all_streams, streams_of
 from dni_dist.errors import ConfigError, StageLost, reason
@@ -157,8 +157,9 @@ class StageWorker:
         assert self.loop is not None
         inputs = None
         if self.train_set is not None:
-            order = self.train_set.batches(self.config.data.batch_size, self.config.seed, epoch)
-            inputs = islice(order, offset, offset + steps)
+            # Only this chunk's batches: skipped ones would be gathered (and copied) for nothing.
+            size, seed = self.config.data.batch_size, self.config.seed
+            inputs = self.train_set.batches(size, seed, epoch, offset, offset + steps)
         report = self.loop.run_epoch(first_step, steps, inputs)
         self.busy[0] += report.compute_seconds
         self.busy[1] += report.wall_seconds
@@ -293,18 +294,15 @@ class RayRun:
     def _start(self) -> None:
         cfg = self.config
         k = cfg.segments
-        resources = ray.cluster_resources()
-        gpus_per_stage = gpu_share(resources.get("GPU", 0), k, cfg.transport)
+        d = cfg.dist
+        resources = ray.cluster_resources()  # what the cluster has now; an autoscaler may add more
+        gpus_per_stage = stage_gpus(d.device, d.gpus_per_stage, resources.get("GPU", 0), k, cfg.transport)
         use_gpu = gpus_per_stage > 0
-        cpus = cfg.dist.cpus_per_stage or (1.0 if use_gpu else min(1.0, resources.get("CPU", 1) / k))
+        cpus = stage_cpus(d.cpus_per_stage, resources.get("CPU", 0), k, use_gpu)
         bundle = {"CPU": cpus, **({"GPU": gpus_per_stage} if use_gpu else {})}
-        strategy = "STRICT_SPREAD" if cfg.dist.placement == "spread" else "PACK"
+        strategy = "STRICT_SPREAD" if d.placement == "spread" else "PACK"
         self.pg = placement_group([bundle] * k, strategy=strategy)
-        ready, _ = ray.wait([self.pg.ready()], timeout=cfg.dist.timeout)
-        if not ready:
-            raise ConfigError(
-                f"the cluster cannot place {k} stages of {bundle} with {strategy}; lower segments or add nodes"
-            )
+        wait_for_placement(self.pg, [bundle] * k, strategy, d.timeout, d.scale_timeout, self.started_ray)
         bundle_nodes = _bundle_nodes(self.pg, k)
         check_grpc_reach(cfg.transport, cfg.dist.grpc_bind, bundle_nodes)
         bundles = stage_bundles(bundle_nodes)  # neighbours on one node where the placement allows

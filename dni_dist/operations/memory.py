@@ -7,8 +7,13 @@ steps waiting for targets (input, activation, labels' context and, where the sta
 it, the forward graph's saved tensors, counted by saved-tensor hooks as core/pending.py
 does at run time) times the steps that may wait, and the working set of the step being
 computed. With ``precision=bf16`` activations count two bytes and the autocast weight
-copies are added. It is an estimate: allocator slack, the CUDA context (several hundred
-MiB) and a stage-0 data set on the device are not in it.
+copies are added. Stage 0's training set counts where the run would put it on the GPU
+(``data.device.fits_on_device``, the rule the run itself applies, taken against the whole
+device since its free memory is known only then). It is an estimate: allocator slack and
+the CUDA context (several hundred MiB) are not in it.
+
+A bounded stash (``stash_versions`` N > 0): only N waiting steps keep a weight copy and the
+graph built on it; the others keep their input, activation and context (core/pending.py).
 
 Steps that may wait: the local engine runs in lockstep (one step, plus ``sg.delay`` held
 targets); on Ray an unlocked stage may keep the in-flight limit's steps (core/pending.py,
@@ -26,7 +31,8 @@ from torch import nn
 
 from dni_dist.config import TrainConfig
 from dni_dist.core.methods import Boundary
-from dni_dist.core.pending import CPU_PENDING_MEMORY, GPU_PENDING_FRACTION, in_flight_limit
+from dni_dist.core.pending import CPU_PENDING_MEMORY, GPU_PENDING_FRACTION, in_flight_limit, steps_within
+from dni_dist.data.device import fits_on_device
 from dni_dist.errors import ConfigError
 
 _ADAM_MOMENTS = 2
@@ -43,22 +49,27 @@ class StageMemory:
     sg: int
     stash: int
     pending_steps: int
-    step_bytes: int  # what one waiting step holds
+    step_bytes: int  # what every waiting step holds
     working: int
+    graphs: int = 0  # the forward graphs that the waiting steps with a weight copy keep
+    data: int = 0  # the training set on the device (stage 0)
 
     @property
     def pending(self) -> int:
-        return self.pending_steps * self.step_bytes
+        return self.pending_steps * self.step_bytes + self.graphs
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.sg + self.stash + self.pending + self.working
+        parts = (self.parameters, self.gradients, self.optimizer, self.sg, self.stash, self.pending, self.working)
+        return sum(parts) + self.data
 
     def line(self) -> str:
+        graphs = f" + graphs {size(self.graphs)}" if self.graphs else ""
+        data = f", data {size(self.data)}" if self.data else ""
         return (
             f"stage {self.stage}: params {size(self.parameters)}, grads {size(self.gradients)}, optimizer "
             f"{size(self.optimizer)}, SG {size(self.sg)}, stash {size(self.stash)}, pending {self.pending_steps} x "
-            f"{size(self.step_bytes)}, working {size(self.working)} = {size(self.total)}"
+            f"{size(self.step_bytes)}{graphs}, working {size(self.working)}{data} = {size(self.total)}"
         )
 
 
@@ -135,9 +146,12 @@ def estimate(
     boundaries: list[Boundary],
     output_values: int,
     where: list[Device],
+    train_bytes: int = 0,
 ) -> list[StageMemory]:
     """Every stage's estimate; ``segments`` and ``boundaries`` built on the meta device,
     ``where`` each stage runs (a GPU's default pending budget is half of it).
+    ``train_bytes``: the training set's size (inputs and labels), counted at stage 0 when
+    the run would keep it on the GPU.
     ``output_values``: the values of one example's output, which is also the size of the
     one-hot context and of a direct error a waiting step keeps (T x V for a language model)."""
     batch = config.data.batch_size
@@ -154,31 +168,52 @@ def estimate(
         x_bytes = int(batch * math.prod(shapes[k]) * 4 * (shrink if k > 0 else 1.0))
         working = graph + x_bytes + h_bytes + (params // 2 if half else 0)
         boundary = boundaries[k] if k < k_total - 1 else None
-        sg = stash = pending_steps = step_bytes = 0
+        sg = stash = graphs = pending_steps = step_bytes = 0
         if boundary is not None:
             sg = _bytes(boundary) * (2 + factor)
             learned_unlocked = not boundary.update_locked
             stashes = (learned_unlocked and k > 0 and config.sg.target != "bootstrap") or boundary.runs_ahead
-            keeps_graph = stashes or boundary.waits_for != "nothing"
-            step_bytes = x_bytes + h_bytes + batch * output_values * 4 + (graph if keeps_graph else 0)
+            # Every waiting step: input, activation, context. Its graph: a locked method's
+            # step always; a stashing stage's step only with a weight copy (else recomputed).
+            step_bytes = x_bytes + h_bytes + batch * output_values * 4
+            if boundary.waits_for != "nothing" and not stashes:
+                step_bytes += graph
             budget = config.dist.pending_memory or where[k].pending_default
-            pending_steps = _waiting_steps(config, k, boundary, step_bytes + (params if stashes else 0), budget)
+            copy = params + graph if stashes else 0  # what a step with a weight copy adds
+            pending_steps = _waiting_steps(config, k, boundary, step_bytes + copy, copy, budget)
             if stashes:
-                versions = config.stash_versions or pending_steps
-                stash = params * min(versions, pending_steps)
-        out.append(StageMemory(k, params, params, params * factor, sg, stash, pending_steps, step_bytes, working))
+                copies = min(config.stash_versions or pending_steps, pending_steps)
+                stash, graphs = params * copies, graph * copies
+        data = train_bytes if k == 0 and _data_on_device(where[k], train_bytes) else 0
+        memory = StageMemory(
+            k, params, params, params * factor, sg, stash, pending_steps, step_bytes, working, graphs, data
+        )
+        out.append(memory)
     return out
 
 
-def _waiting_steps(config: TrainConfig, k: int, boundary: Boundary, step_bytes: int, budget: int) -> int:
-    """How many steps may wait for targets at stage k (see the module's docstring)."""
+def _data_on_device(device: Device, train_bytes: int) -> bool:
+    """Would the run keep stage 0's training set on this device (data/device.py)?"""
+    return (
+        device.name.startswith("cuda") and device.capacity is not None and fits_on_device(train_bytes, device.capacity)
+    )
+
+
+def _waiting_steps(
+    config: TrainConfig, k: int, boundary: Boundary, step_bytes: int, stash_bytes: int, budget: int
+) -> int:
+    """How many steps may wait for targets at stage k (see the module's docstring); a step
+    with a weight copy holds ``step_bytes``, one without ``stash_bytes`` less."""
     if config.runtime == "local":
         return 1 + (config.sg.delay if not boundary.update_locked or boundary.runs_ahead else 0)
     if boundary.update_locked and not boundary.runs_ahead:
         return config.dist.micro_batches
-    limit, _ = in_flight_limit(config.dist.max_in_flight, config.segments, config.sg.target, budget, step_bytes)
+    versions = config.stash_versions
+    limit, _ = in_flight_limit(
+        config.dist.max_in_flight, config.segments, config.sg.target, budget, step_bytes, stash_bytes, versions
+    )
     if k > 0 and step_bytes:
-        limit = min(limit, max(1, budget // step_bytes))
+        limit = min(limit, steps_within(budget, step_bytes, stash_bytes, versions))
     return min(limit, config.sg.window)
 
 

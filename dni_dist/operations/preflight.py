@@ -72,7 +72,14 @@ def preflight(config: TrainConfig, dataset: Dataset | None = None) -> str:
     # Memory last: a run that cannot fit its devices is refused with the plan's shapes known.
     placed = memory.devices(config)
     needs = memory.estimate(
-        config, plan.segments, dataset.input_shape, plan.cut_shapes, boundaries, math.prod(task.output_shape), placed
+        config,
+        plan.segments,
+        dataset.input_shape,
+        plan.cut_shapes,
+        boundaries,
+        math.prod(task.output_shape),
+        placed,
+        train_bytes=dataset.x_train.nbytes + dataset.y_train.nbytes,
     )
     memory.check_fit(needs, placed)
     return (
