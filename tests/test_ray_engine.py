@@ -5,6 +5,7 @@ One Ray session for the whole module (starting Ray costs seconds on 2 cores).
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -99,6 +100,13 @@ def test_lockstep_ends_with_the_local_engines_parameters(overrides: tuple[str, .
 SETTLED = "epochs=20"
 
 
+def _settled_accuracy(out, last: int = 3) -> float:
+    """Mean test accuracy of a run's last ``last`` epochs (its metrics.jsonl)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accuracies = [r["test_accuracy"] for r in records if r.get("event") == "epoch"]
+    return sum(accuracies[-last:]) / last
+
+
 @pytest.mark.parametrize("transport", ["gloo", "grpc"])
 def test_async_k2_reaches_the_local_accuracy_band(tmp_path, transport: str) -> None:
     local = train(config(SETTLED, f"out={tmp_path / 'local'}"))
@@ -149,16 +157,19 @@ def test_async_k3_k4_reach_the_local_accuracy_band(tmp_path, segments: int) -> N
     Ray's stages see 0.7-2.4 steps on average. So the band measures what the engine adds
     beyond the staleness itself, and the reference does not depend on the run's timing.
     Each seed is compared with its own reference (one seed alone moves the local engine by
-    about 3 points at K=4: 0.989 at seed 0, 0.962 at seed 1), and two seeds of three must
-    be in the band: about one async run in ten ends 4-10 points low (0.94 at K=3 and 0.88
-    at K=4 seen), a known, not yet explained fault that this test tolerates once, not twice.
+    about 3 points at K=4: 0.989 at seed 0, 0.962 at seed 1). Both sides are read as the
+    mean test accuracy of the last three epochs: one epoch's figure swings 1-5 points in an
+    async run (0.880 at epoch 19 then 0.929 at 20, K=4), and a final epoch caught in such a
+    swing read as a failed run. Two seeds of three must be in the band: the async runs have
+    a tail (K=4 seed 1, eight runs on a loaded machine: 0.915-0.947 against 0.942 for the
+    reference) that this test tolerates once, not twice.
     """
     results = []
     for seed in (0, 1, 2):
         common = (SETTLED, f"segments={segments}", f"seed={seed}")
-        distributed = train(config(*RAY, *common, f"out={tmp_path / 'ray'}"))["test_accuracy"]
-        reference = config(*common, f"sg.delay={segments - 1}", f"out={tmp_path / 'local'}")
-        results.append((distributed, train(reference)["test_accuracy"]))
+        train(config(*RAY, *common, f"out={tmp_path / 'ray'}"))
+        train(config(*common, f"sg.delay={segments - 1}", f"out={tmp_path / 'local'}"))
+        results.append((_settled_accuracy(tmp_path / "ray"), _settled_accuracy(tmp_path / "local")))
     in_band = [ray_accuracy >= local_accuracy - 0.02 for ray_accuracy, local_accuracy in results]
     assert sum(in_band) >= 2, results
 
