@@ -258,8 +258,10 @@ def test_a_checkpoint_dir_a_stage_cannot_see_stops_the_run_with_one_line(tmp_pat
     assert checkpoint.latest(ck) is None and not list(ck.iterdir())  # nothing trained, no token left
 
 
-def test_a_lost_snapshot_is_reported_not_waited_for(tmp_path) -> None:
-    """Refs whose objects are gone (their owner or node died) raise SnapshotLost at once."""
+def test_snapshot_refs_are_written_by_the_stages_or_the_driver_and_a_lost_one_is_reported(tmp_path) -> None:
+    """save_last's two writers (the live stages; the driver for a dead one) write the
+    snapshot; refs whose objects are gone (their owner or node died) raise SnapshotLost
+    at once instead of waiting."""
     from dni_dist.builder import load_data
     from dni_dist.engines.ray_engine import RayRun
 
@@ -271,13 +273,25 @@ def test_a_lost_snapshot_is_reported_not_waited_for(tmp_path) -> None:
     cfg = config(*RAY, "segments=2", "dist.timeout=20")
     engine = RayRun(cfg, load_data(cfg))
     try:
+        engine.train_steps(0, 0, 2)
+        handles = engine.state_handles()
+        want = engine.stage_states()
+        engine.train_steps(0, 2, 2)  # the stages move on; the snapshot is what gets written
+        for name, by_stages in (("stages", True), ("driver", False)):
+            tmp = checkpoint.begin(tmp_path / name, 2)
+            shards = engine.write_shards(tmp, handles, by_stages)
+            _, got, _ = checkpoint.load(checkpoint.commit(tmp, checkpoint.Position(0, 2, 2), shards, {}))
+            for a, b in zip(got, want, strict=True):
+                for key, tensor in b["module"].items():
+                    torch.testing.assert_close(a["module"][key], tensor, rtol=0, atol=0, msg=f"{name}: {key}")
         holder = Holder.remote()
         [lost] = ray.get(holder.hold.remote())
         ray.kill(holder)
         time.sleep(1)
         with pytest.raises(SnapshotLost):
             engine.restore([lost, lost], 0)
-        handles = engine.state_handles()  # real refs still restore
-        engine.restore(handles, 0)
+        ray.kill(engine.actors[1])  # restarts exhausted: stage 1 is gone, its snapshot is not
+        tmp = checkpoint.begin(tmp_path / "one-dead", 2)
+        assert [s.file for s in engine.write_shards(tmp, handles, by_stages=True)] == ["stage-0.pt", "stage-1.pt"]
     finally:
         engine.close()
