@@ -18,9 +18,9 @@ import torch
 
 from dni_dist.builder import load_data
 from dni_dist.config import TrainConfig
-from dni_dist.core.shards import ShardRecord
 from dni_dist.core.stage import NumericFault
 from dni_dist.data import Dataset
+from dni_dist.engines.shards import ShardRecord
 from dni_dist.errors import RunFailed, StageLost, reason
 from dni_dist.operations.checkpoint import Position
 from dni_dist.operations.monitor import Monitor

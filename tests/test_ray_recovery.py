@@ -222,6 +222,7 @@ def test_stages_write_their_own_shards_and_a_killed_stage_is_restored_from_objec
     assert checkpoint.load(newest)[0].step == 2 * STEPS
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_by_either_engine_resumes_on_the_other(tmp_path) -> None:
     """Shards are engine-neutral: Ray (lockstep) -> local and local -> Ray both end with the
     parameters of an uninterrupted local run."""
@@ -242,7 +243,7 @@ def test_a_checkpoint_written_by_either_engine_resumes_on_the_other(tmp_path) ->
 
 
 def test_a_checkpoint_dir_a_stage_cannot_see_stops_the_run_with_one_line(tmp_path, monkeypatch) -> None:
-    from dni_dist.core import shards
+    from dni_dist.engines import shards
 
     def elsewhere(directory):  # as if the stages' node mounted another directory at that path
         path, token = shards.write_token(directory)

@@ -11,7 +11,7 @@ import torch
 from conftest import config
 
 from dni_dist.builder import load_data
-from dni_dist.core.shards import ShardRecord, write_shard
+from dni_dist.engines.shards import ShardRecord, write_shard
 from dni_dist.errors import ConfigError, RunFailed, SnapshotLost, StageLost
 from dni_dist.operations import checkpoint
 from dni_dist.operations.recovery import CheckpointKeeper

@@ -12,9 +12,9 @@ import torch
 from dni_dist.builder import build_stages
 from dni_dist.config import TrainConfig
 from dni_dist.core.probe import Snapshot, StageProbe
-from dni_dist.core.shards import ShardRecord, read_shard, write_shard
 from dni_dist.data import Dataset, batches
 from dni_dist.engines.local import LocalEngine
+from dni_dist.engines.shards import ShardRecord, read_shard, write_shard
 
 
 class LocalRun:

@@ -27,12 +27,12 @@ from dni_dist.config import TrainConfig
 from dni_dist.core.imports import import_root, resolve
 from dni_dist.core.precision import enable_tf32, wire_dtype
 from dni_dist.core.probe import Snapshot, StageProbe
-from dni_dist.core.shards import ShardRecord, read_shard, read_token, write_shard, write_token
 from dni_dist.core.tasks import Task
 from dni_dist.data import Dataset
 from dni_dist.data.device import TrainingSet
 from dni_dist.engines.placement import check_grpc_reach, stage_bundles, stage_cpus, stage_gpus
 from dni_dist.engines.scaling import wait_for_placement
+from dni_dist.engines.shards import ShardRecord, read_shard, read_token, write_shard, write_token
 from dni_dist.engines.stage_loop import StageLoop
 from dni_dist.engines.wiring import all_streams, streams_of
 from dni_dist.errors import ConfigError, SnapshotLost, StageLost, reason

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dni_dist.core.shards import ShardRecord, fsync_path, read_shard, shard_name, write_shard
+from dni_dist.engines.shards import ShardRecord, fsync_path, read_shard, shard_name, write_shard
 from dni_dist.errors import ConfigError
 
 FORMAT_VERSION = 1

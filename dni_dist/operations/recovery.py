@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dni_dist.config import TrainConfig
-from dni_dist.core.shards import ShardRecord
+from dni_dist.engines.shards import ShardRecord
 from dni_dist.errors import ConfigError, RunFailed, SnapshotLost, StageLost
 from dni_dist.operations import checkpoint
 from dni_dist.operations.checkpoint import Position
