@@ -18,6 +18,11 @@ class StageLost(RuntimeError):
     """A stage actor died or its links failed; the driver may restart from a checkpoint."""
 
 
+class SnapshotLost(RuntimeError):
+    """The in-memory snapshot a restart needs is gone (its node died with the object store
+    holding it); the driver falls back to the last checkpoint on disk, if there is one."""
+
+
 def reason(exc: BaseException) -> str:
     """The last line of an error's text without its class prefix: a remote error (Ray's
     RayTaskError) carries the whole remote traceback in its text."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -13,7 +14,7 @@ import torch
 from conftest import config
 from helpers import start_local_ray
 
-from dni_dist.errors import RunFailed
+from dni_dist.errors import ConfigError, RunFailed, SnapshotLost
 from dni_dist.operations import checkpoint
 from dni_dist.runner import train
 
@@ -139,3 +140,159 @@ def test_a_dropped_grpc_link_is_recovered_by_a_restart(tmp_path) -> None:
     summary = outcome.get("summary")
     assert summary is not None, outcome
     assert summary["restarts"] == 1 and summary["steps"] == 3 * STEPS
+
+
+def _tensors_in(obj, seen: set[int] | None = None) -> int:
+    """How many torch tensors ``obj`` holds, looking through containers and objects' fields."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return 1
+    if isinstance(obj, dict):
+        return sum(_tensors_in(k, seen) + _tensors_in(v, seen) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set)):
+        return sum(_tensors_in(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return _tensors_in(vars(obj), seen)
+    return 0
+
+
+def test_stages_write_their_own_shards_and_a_killed_stage_is_restored_from_object_refs(tmp_path, monkeypatch) -> None:
+    """The driver keeps refs and paths, never tensors: it writes no shard itself, and a
+    stage killed mid-run is restored from the refs (not from disk)."""
+    from dni_dist.engines.ray_engine import RayRun
+    from dni_dist.operations.recovery import CheckpointKeeper
+
+    held: list[tuple[int, bool]] = []  # (tensors the keeper holds, all handles are refs) per chunk
+    restored_from: list[str] = []
+
+    class WatchedKeeper(CheckpointKeeper):
+        def after_chunk(self, engine, position):
+            written = super().after_chunk(engine, position)
+            held.append((_tensors_in(self), all(isinstance(h, ray.ObjectRef) for h in self._snapshot[1])))
+            return written
+
+        def recover(self, engine, lost, failed_chunk):
+            handles = self._snapshot[1]
+            restored_from.append("refs" if all(isinstance(h, ray.ObjectRef) for h in handles) else "other")
+            return super().recover(engine, lost, failed_chunk)
+
+    def no_driver_save(*args, **kwargs):
+        raise AssertionError("the driver wrote a shard itself")
+
+    def no_disk_restore(self, paths, step):
+        raise AssertionError("a restart went to disk although the snapshot refs were there")
+
+    monkeypatch.setattr("dni_dist.runner.CheckpointKeeper", WatchedKeeper)
+    # In this process only (the actors are others): the driver's two ways to write a shard.
+    monkeypatch.setattr("dni_dist.engines.ray_engine.write_shard", no_driver_save)
+    monkeypatch.setattr("dni_dist.operations.checkpoint.write_shard", no_driver_save)
+    monkeypatch.setattr(RayRun, "load_shards", no_disk_restore)
+    ck = tmp_path / "ck"
+    cfg = config(
+        *RAY,
+        "segments=2",
+        "epochs=2",
+        "dist.slow_stage=1",
+        "dist.slow_seconds=0.03",
+        f"out={tmp_path}",
+        f"checkpoint.dir={ck}",
+        "checkpoint.every=5",
+    )
+    thread, outcome = _in_thread(cfg)
+    victim = _stage_actor(1)
+    pid = ray.get(victim.pid.remote())
+    _when_epochs_logged(tmp_path, 1)
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the run hung after a stage was killed"
+    assert "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    assert summary["restarts"] == 1 and restored_from == ["refs"]
+    assert summary["steps"] == 2 * STEPS
+    assert all(stage["steps"] == 2 * STEPS for stage in summary["stages"])  # counters came from the refs
+    assert held and all(count == 0 and refs for count, refs in held), held
+    # Every checkpoint was written by the stages: meta.json names each shard and its size.
+    newest = checkpoint.latest(ck)
+    meta = json.loads((newest / "meta.json").read_text())
+    assert [s["file"] for s in meta["shards"]] == ["stage-0.pt", "stage-1.pt"]
+    assert all((newest / s["file"]).stat().st_size == s["bytes"] for s in meta["shards"])
+    assert checkpoint.load(newest)[0].step == 2 * STEPS
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_by_either_engine_resumes_on_the_other(tmp_path) -> None:
+    """Shards are engine-neutral: Ray (lockstep) -> local and local -> Ray both end with the
+    parameters of an uninterrupted local run."""
+    run = ("method=sg", "sg.target=true", "segments=3")
+    ray_run = (*run, *RAY, "dist.schedule=lockstep")
+    train(config(*run, "epochs=2", f"out={tmp_path / 'whole'}", f"checkpoint.dir={tmp_path / 'ck-whole'}"))
+    _, want, _ = checkpoint.load(checkpoint.latest(tmp_path / "ck-whole"))
+    for first, then, name in ((ray_run, run, "ray-then-local"), (run, ray_run, "local-then-ray")):
+        out, ck = f"out={tmp_path / name}", f"checkpoint.dir={tmp_path / name / 'ck'}"
+        train(config(*first, "epochs=1", out, ck))
+        resumed = train(config(*then, "epochs=2", out, ck, "checkpoint.resume=true"))
+        assert resumed["resumed_from"].endswith(f"step-{STEPS:09d}") and resumed["steps"] == 2 * STEPS
+        _, got, _ = checkpoint.load(checkpoint.latest(tmp_path / name / "ck"))
+        for a, b in zip(got, want, strict=True):
+            for part in ("module", "boundary"):
+                for key, tensor in (b[part] or {}).items():
+                    torch.testing.assert_close(a[part][key], tensor, msg=f"{name}: {part}.{key}")
+
+
+def test_a_checkpoint_dir_a_stage_cannot_see_stops_the_run_with_one_line(tmp_path, monkeypatch) -> None:
+    from dni_dist.engines import shards
+
+    def elsewhere(directory):  # as if the stages' node mounted another directory at that path
+        path, token = shards.write_token(directory)
+        path.write_text("another disk")
+        return path, token
+
+    monkeypatch.setattr("dni_dist.engines.ray_engine.write_token", elsewhere)
+    ck = tmp_path / "ck"
+    with pytest.raises(ConfigError, match="not the driver's directory on node") as info:
+        train(config(*RAY, "segments=2", "epochs=1", f"out={tmp_path}", f"checkpoint.dir={ck}"))
+    message = str(info.value)
+    assert str(ck) in message and "NFS" in message and "\n" not in message
+    assert checkpoint.latest(ck) is None and not list(ck.iterdir())  # nothing trained, no token left
+
+
+def test_snapshot_refs_are_written_by_the_stages_or_the_driver_and_a_lost_one_is_reported(tmp_path) -> None:
+    """save_last's two writers (the live stages; the driver for a dead one) write the
+    snapshot; refs whose objects are gone (their owner or node died) raise SnapshotLost
+    at once instead of waiting."""
+    from dni_dist.builder import load_data
+    from dni_dist.engines.ray_engine import RayRun
+
+    @ray.remote(num_cpus=0)
+    class Holder:  # owns what it puts: its death loses the object, as a node's death would
+        def hold(self):
+            return [ray.put({"x": torch.zeros(3)})]
+
+    cfg = config(*RAY, "segments=2", "dist.timeout=20")
+    engine = RayRun(cfg, load_data(cfg))
+    try:
+        engine.train_steps(0, 0, 2)
+        handles = engine.state_handles()
+        want = engine.stage_states()
+        engine.train_steps(0, 2, 2)  # the stages move on; the snapshot is what gets written
+        for name, by_stages in (("stages", True), ("driver", False)):
+            tmp = checkpoint.begin(tmp_path / name, 2)
+            shards = engine.write_shards(tmp, handles, by_stages)
+            _, got, _ = checkpoint.load(checkpoint.commit(tmp, checkpoint.Position(0, 2, 2), shards, {}))
+            for a, b in zip(got, want, strict=True):
+                for key, tensor in b["module"].items():
+                    torch.testing.assert_close(a["module"][key], tensor, rtol=0, atol=0, msg=f"{name}: {key}")
+        holder = Holder.remote()
+        [lost] = ray.get(holder.hold.remote())
+        ray.kill(holder)
+        time.sleep(1)
+        with pytest.raises(SnapshotLost):
+            engine.restore([lost, lost], 0)
+        ray.kill(engine.actors[1])  # restarts exhausted: stage 1 is gone, its snapshot is not
+        tmp = checkpoint.begin(tmp_path / "one-dead", 2)
+        assert [s.file for s in engine.write_shards(tmp, handles, by_stages=True)] == ["stage-0.pt", "stage-1.pt"]
+    finally:
+        engine.close()

@@ -11,8 +11,10 @@ import torch
 from conftest import config
 
 from dni_dist.builder import load_data
-from dni_dist.errors import ConfigError, RunFailed
+from dni_dist.engines.shards import ShardRecord, write_shard
+from dni_dist.errors import ConfigError, RunFailed, SnapshotLost, StageLost
 from dni_dist.operations import checkpoint
+from dni_dist.operations.recovery import CheckpointKeeper
 from dni_dist.runner import train
 
 RUN = ("method=sg", "segments=3", "sg.target=true", "data.batch_size=128", "optim.lr=0.003")
@@ -155,3 +157,68 @@ def test_sg_clip_bounds_each_examples_synthetic_gradient() -> None:
     clipped = stage._clip(signal)
     assert torch.all(clipped.norm(dim=1) * 8 <= 0.5 + 1e-5)
     assert stage.stats.clipped_signals == 8
+
+
+class _EngineThatLosesItsSnapshot:
+    """An engine whose in-memory snapshot is gone when a restart needs it (its node died)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.loaded: list[tuple[list, int]] = []
+
+    def state_handles(self) -> list[str]:
+        return ["ref-0", "ref-1"]
+
+    def restore(self, states, step: int) -> None:
+        raise SnapshotLost(f"the snapshot of step {step} is lost (OwnerDiedError)")
+
+    def write_shards(self, directory, handles=None, by_stages=True):
+        return [write_shard({"w": torch.full((2,), float(i))}, directory, i) for i in range(2)]
+
+    def load_shards(self, paths, step: int) -> None:
+        self.loaded.append((paths, step))
+
+    def check_shared(self, directory) -> None:
+        pass
+
+    def restart(self) -> None:
+        pass
+
+
+def test_a_lost_snapshot_falls_back_to_the_checkpoint_on_disk(tmp_path) -> None:
+    keeper = CheckpointKeeper(config(*RUN, f"out={tmp_path}", f"checkpoint.dir={tmp_path / 'ck'}"), 10)
+    engine = _EngineThatLosesItsSnapshot()
+    keeper.start(engine)
+    keeper.after_chunk(engine, checkpoint.Position(0, 5, 5))
+    position = keeper.recover(engine, StageLost("stage 1's actor died"), failed_chunk=3)
+    assert position == checkpoint.Position(0, 5, 5)
+    [(paths, step)] = engine.loaded
+    assert step == 5 and [p.name for p in paths] == ["stage-0.pt", "stage-1.pt"]
+    assert keeper.redone_steps == 3
+
+
+def test_a_lost_snapshot_without_a_checkpoint_stops_the_run_with_one_line(tmp_path) -> None:
+    keeper = CheckpointKeeper(config(*RUN, f"out={tmp_path}"), 10)
+    engine = _EngineThatLosesItsSnapshot()
+    keeper.start(engine)
+    keeper.after_chunk(engine, checkpoint.Position(0, 5, 5))
+    with pytest.raises(RunFailed, match="no checkpoint is on disk") as info:
+        keeper.recover(engine, StageLost("stage 1's actor died"), failed_chunk=3)
+    assert "snapshot of step 5 is lost" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_checkpoints_without_a_shard_list_still_load_and_short_shards_are_refused(tmp_path) -> None:
+    states = [{"w": torch.arange(3.0)}, {"w": torch.ones(2)}]
+    path = checkpoint.save(tmp_path, checkpoint.Position(1, 0, 7), states, {"method": "sg"})
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["shards"]  # as written before shards were recorded
+    (path / "meta.json").write_text(json.dumps(meta))
+    position, loaded, _ = checkpoint.load(path)
+    assert position.step == 7
+    _assert_same(loaded, states)
+    # A writer that reports more bytes than the driver finds (it wrote elsewhere): no checkpoint.
+    tmp = checkpoint.begin(tmp_path / "other", 8)
+    record = write_shard(states[0], tmp, 0)
+    with pytest.raises(RuntimeError, match="bytes written"):
+        checkpoint.commit(tmp, checkpoint.Position(1, 1, 8), [ShardRecord(record.file, record.bytes + 1)], {})
+    assert checkpoint.latest(tmp_path / "other") is None

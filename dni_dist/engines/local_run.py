@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +14,7 @@ from dni_dist.config import TrainConfig
 from dni_dist.core.probe import Snapshot, StageProbe
 from dni_dist.data import Dataset, batches
 from dni_dist.engines.local import LocalEngine
+from dni_dist.engines.shards import ShardRecord, read_shard, write_shard
 
 
 class LocalRun:
@@ -44,6 +47,25 @@ class LocalRun:
         for stage, state in zip(self.engine.stages, states, strict=True):
             stage.load_state_dict(state)
         self.engine.step = step
+
+    # Snapshots are copies in this process; shards are written and read here, through the
+    # same functions the Ray stages use, so either engine reads the other's checkpoints.
+
+    def state_handles(self) -> list[dict[str, Any]]:
+        """A snapshot: copies, since training keeps changing the live tensors."""
+        return copy.deepcopy(self.stage_states())
+
+    def write_shards(
+        self, directory: Path, handles: list[dict[str, Any]] | None = None, by_stages: bool = True
+    ) -> list[ShardRecord]:
+        states = self.stage_states() if handles is None else handles
+        return [write_shard(state, directory, i) for i, state in enumerate(states)]
+
+    def load_shards(self, paths: list[Path], step: int) -> None:
+        self.restore([read_shard(path) for path in paths], step)
+
+    def check_shared(self, directory: Path) -> None:
+        """One process: the directory it writes is the one it reads."""
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.engine.predict(x, batch_size=self.config.data.batch_size)

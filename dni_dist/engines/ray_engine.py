@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -30,9 +32,10 @@ from dni_dist.data import Dataset
 from dni_dist.data.device import TrainingSet
 from dni_dist.engines.placement import check_grpc_reach, stage_bundles, stage_cpus, stage_gpus
 from dni_dist.engines.scaling import wait_for_placement
+from dni_dist.engines.shards import ShardRecord, read_shard, read_token, write_shard, write_token
 from dni_dist.engines.stage_loop import StageLoop
 from dni_dist.engines.wiring import all_streams, streams_of
-from dni_dist.errors import ConfigError, StageLost, reason
+from dni_dist.errors import ConfigError, SnapshotLost, StageLost, reason
 from dni_dist.transports.base import Stream, Transport, TransportError
 from dni_dist.transports.slow_link import SlowLinkTransport
 from dni_dist.transports.torch_dist import TorchDistTransport, free_port, init_links, shutdown_groups
@@ -195,6 +198,25 @@ class StageWorker:
 
     def restore(self, state: dict[str, Any]) -> None:
         self.stage.load_state_dict(state)  # load_state_dict copies onto the stage's device
+
+    def write_shard(self, directory: str, state: dict[str, Any] | None = None) -> ShardRecord:
+        """Write this stage's checkpoint shard into ``directory``: ``state`` (a snapshot; the
+        driver passes its object ref and Ray resolves it here) or, if None, the state now."""
+        return write_shard(self.stage.state_dict() if state is None else state, directory, self.index)
+
+    def load_shard(self, path: str) -> None:
+        self.stage.load_state_dict(read_shard(path, self.device))
+
+    def read_token(self, path: str, patience: float) -> tuple[str, str | None]:
+        """(this node's address, the token file's text as this node sees it, None if absent).
+        A missing file is looked for again for ``patience`` seconds: a network file system
+        may show a new file to other clients a moment later."""
+        deadline = time.monotonic() + patience
+        text = read_token(path)
+        while text is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            text = read_token(path)
+        return ray.util.get_node_ip_address(), text
 
     def pid(self) -> int:
         return os.getpid()
@@ -378,11 +400,88 @@ class RayRun:
     def stage_states(self) -> list[dict[str, Any]]:
         return ray.get([a.stage_state.remote() for a in self.actors], timeout=self.config.dist.timeout)
 
-    def restore(self, states: list[dict[str, Any]], step: int) -> None:
-        ray.get(
-            [a.restore.remote(s) for a, s in zip(self.actors, states, strict=True)], timeout=self.config.dist.timeout
-        )
+    # Snapshots and checkpoint shards. The driver holds object refs and paths, never the
+    # tensors: a stage's state goes from its actor to the node's object store (a snapshot),
+    # or to its shard file, and back from there to a (new) actor.
+
+    def state_handles(self) -> list[ray.ObjectRef]:
+        """A snapshot of every stage: refs to each actor's ``stage_state``, which the driver
+        owns and the object store of the actor's node holds (an actor's death does not free
+        them; its node's does). The driver waits for them without fetching them: the next
+        chunk must not start before every stage has handed over its state."""
+        refs = [a.stage_state.remote() for a in self.actors]
+        timeout = self.config.dist.timeout
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)
+        if len(ready) < len(refs):
+            raise StageLost(f"a stage did not hand over its state within dist.timeout={timeout}")
+        return refs
+
+    def restore(self, states: list[Any], step: int) -> None:
+        """Every stage from ``states``: refs from ``state_handles`` (Ray resolves a ref passed
+        as a top-level argument in the actor, from the object store) or plain states."""
+        calls = [a.restore.remote(s) for a, s in zip(self.actors, states, strict=True)]
+        try:
+            ray.get(calls, timeout=self.config.dist.timeout)
+        except ray.exceptions.ObjectLostError as exc:
+            raise SnapshotLost(f"the snapshot of step {step} is lost ({exc.__class__.__name__})") from None
         self.step = step
+
+    def write_shards(
+        self, directory: Path, handles: list[Any] | None = None, by_stages: bool = True
+    ) -> list[ShardRecord]:
+        """Each stage's checkpoint shard in ``directory``: from ``handles`` (a snapshot), else
+        from the stages' state now. ``by_stages``: each actor writes its own (the directory
+        is one every stage sees); a stage that cannot (its actor is dead or stuck) has its
+        snapshot written by the driver instead, one stage at a time, as do all stages when
+        not ``by_stages`` (a directory only the driver's machine may see)."""
+        k = len(self.actors)
+        records: list[ShardRecord | None] = [None] * k
+        if by_stages:
+            calls = [
+                a.write_shard.remote(str(directory), None if handles is None else handles[i])
+                for i, a in enumerate(self.actors)
+            ]
+            for i, call in enumerate(calls):
+                try:
+                    records[i] = ray.get(call, timeout=self.config.dist.timeout)
+                except ray.exceptions.ObjectLostError as exc:
+                    raise SnapshotLost(f"stage {i}'s snapshot is lost ({exc.__class__.__name__})") from None
+                except ray.exceptions.RayError as exc:
+                    if handles is None:  # the state now lives only in that actor
+                        raise StageLost(f"stage {i} could not write its checkpoint shard: {reason(exc)}") from None
+        for i in range(k):
+            if records[i] is None:
+                assert handles is not None, "the driver writes only from a snapshot"
+                try:
+                    state = ray.get(handles[i], timeout=self.config.dist.timeout)
+                except ray.exceptions.ObjectLostError as exc:
+                    raise SnapshotLost(f"stage {i}'s snapshot is lost ({exc.__class__.__name__})") from None
+                records[i] = write_shard(state, directory, i)
+                del state  # one stage's state in the driver at a time
+        return [r for r in records if r is not None]
+
+    def load_shards(self, paths: list[Path], step: int) -> None:
+        """Each stage loads its own shard (by path, onto its device): --resume."""
+        calls = [a.load_shard.remote(str(p)) for a, p in zip(self.actors, paths, strict=True)]
+        ray.get(calls, timeout=self.config.dist.timeout)
+        self.step = step
+
+    def check_shared(self, directory: Path, patience: float = 2.0) -> None:
+        """Every stage must see ``directory`` (checkpoint.dir) as the driver does: the driver
+        writes a token file there and every actor reads it back."""
+        path, token = write_token(directory)
+        try:
+            seen = ray.get(
+                [a.read_token.remote(str(path), patience) for a in self.actors], timeout=self.config.dist.timeout
+            )
+        finally:
+            path.unlink(missing_ok=True)
+        for i, (node, text) in enumerate(seen):
+            if text != token:
+                raise ConfigError(
+                    f"checkpoint.dir={str(directory)!r} is not the driver's directory on node {node} (stage {i}); "
+                    "use shared storage every node mounts at the same path, such as NFS or a mounted bucket"
+                )
 
     def restart(self) -> None:
         """Replace every stage actor (the process groups of the survivors are broken too)."""
