@@ -138,7 +138,17 @@ def plan_layout(config: TrainConfig, input_shape: tuple[int, ...], task: Task) -
             raise
     torch.manual_seed(config.seed)
     with torch.device("cpu"):
-        return _plan(config, build_model(m, input_shape, task.n_outputs), input_shape, task, on_meta=False)
+        model = build_model(m, input_shape, task.n_outputs)
+        try:
+            return _plan(config, model, input_shape, task, on_meta=False)
+        except ConfigError:
+            raise
+        except Exception as exc:  # the user's block fails on real zeros too (its backward, say)
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise ConfigError(
+                f"model.factory={m.factory!r}: a forward and backward pass of zeros through the model failed "
+                f"on the CPU with {type(exc).__name__}: {first}"
+            ) from None
 
 
 def _plan(config: TrainConfig, model: nn.Sequential, input_shape: tuple[int, ...], task: Task, on_meta: bool) -> Plan:
