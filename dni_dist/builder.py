@@ -86,7 +86,7 @@ class Plan:
     """The segments of the model, the activation shape at each cut and the cuts (block indices).
 
     ``on_meta``: the segments are shapes only, on PyTorch's meta device (``plan_layout``);
-    ``real_segment`` gives a stage its real one. Otherwise they are real CPU modules: a model
+    ``real_segments`` gives the stages their real ones. Otherwise they are real CPU modules: a model
     that cannot be planned on meta, or ``plan_model``'s."""
 
     segments: list[nn.Sequential]
@@ -101,10 +101,10 @@ class Plan:
 
 
 def plan_model(config: TrainConfig, input_shape: tuple[int, ...], task: Task) -> Plan:
-    """The plan with every segment real, initialised as the stages are (``real_segment``)."""
+    """The plan with every segment real, initialised as the stages are (``real_segments``)."""
     plan = plan_layout(config, input_shape, task)
-    segments = [real_segment(config, input_shape, task, plan, k) for k in range(len(plan.segments))]
-    return Plan(segments, plan.cut_shapes, plan.cuts, on_meta=False)
+    segments = real_segments(config, input_shape, task, plan, list(range(len(plan.segments))))
+    return Plan(list(segments.values()), plan.cut_shapes, plan.cuts, on_meta=False)
 
 
 def plan_layout(config: TrainConfig, input_shape: tuple[int, ...], task: Task) -> Plan:
@@ -178,32 +178,39 @@ def _plan(config: TrainConfig, model: nn.Sequential, input_shape: tuple[int, ...
     return Plan(segments, shapes, [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)], on_meta)
 
 
-def real_segment(config: TrainConfig, input_shape: tuple[int, ...], task: Task, plan: Plan, k: int) -> nn.Sequential:
-    """Segment ``k`` with real CPU storage and its initial weights, the same in whichever
-    process builds it and whichever other segments it builds.
+def real_segments(
+    config: TrainConfig, input_shape: tuple[int, ...], task: Task, plan: Plan, wanted: list[int]
+) -> dict[int, nn.Sequential]:
+    """Segments ``wanted`` with real CPU storage and their initial weights, the same in
+    whichever process builds them and whichever other segments it builds.
 
-    A zoo model materialises only this segment's blocks, each from its own seed
-    (models/reinit.py). A factory's model is built whole under ``config.seed``: its function
-    may set weights by hand, which re-initialising would undo (docs/user-code.md)."""
+    A zoo model materialises only these segments' blocks, each from its own seed
+    (models/reinit.py). A factory's model is built whole under ``config.seed`` (once): its
+    function may set weights by hand, which re-initialising would undo (docs/user-code.md)."""
+    starts = [0, *plan.cuts]
     if not plan.on_meta:
-        segment = plan.segments[k]
+        segments = {k: plan.segments[k] for k in wanted}
     elif config.model.factory:
         with torch.random.fork_rng(devices=[]), torch.device("cpu"):
             torch.manual_seed(config.seed)
             model = build_model(config.model, input_shape, task.n_outputs)
-        segment = partition(model, config.segments, plan.cuts)[k]
+        every = partition(model, config.segments, plan.cuts)
+        segments = {k: every[k] for k in wanted}
     else:
-        first = ([0, *plan.cuts])[k]
-        blocks = [
-            materialise_block(copy.deepcopy(block), block_seed(config.seed, first + i))
-            for i, block in enumerate(plan.segments[k])
-        ]
-        segment = nn.Sequential(*blocks)
+        segments = {
+            k: nn.Sequential(
+                *(
+                    materialise_block(copy.deepcopy(block), block_seed(config.seed, starts[k] + i))
+                    for i, block in enumerate(plan.segments[k])
+                )
+            )
+            for k in wanted
+        }
     if config.method == "fa":
-        first = ([0, *plan.cuts])[k]
-        for i in range(len(segment)):
-            segment[i] = _feedback_block(segment[i], block_seed(config.seed * 31 + 7, first + i))
-    return segment
+        for k, segment in segments.items():
+            for i in range(len(segment)):
+                segment[i] = _feedback_block(segment[i], block_seed(config.seed * 31 + 7, starts[k] + i))
+    return segments
 
 
 def _feedback_block(block: nn.Module, seed: int) -> nn.Module:
@@ -271,9 +278,10 @@ def make_boundary(config: TrainConfig, task: Task, k: int, shape: tuple[int, ...
 def build_stages(config: TrainConfig, input_shape: tuple[int, ...], task: Task, only: int | None = None) -> list[Stage]:
     """All stages (or just stage ``only``, for an actor); deterministic in ``config.seed``.
     The model is planned on the meta device and only the stages asked for get real storage,
-    with the weights the local engine's stages get (``real_segment``)."""
+    with the weights the local engine's stages get (``real_segments``)."""
     plan = plan_layout(config, input_shape, task)
     k_total = config.segments
+    segments = real_segments(config, input_shape, task, plan, list(range(k_total)) if only is None else [only])
     stages = []
     for k in range(k_total):
         wanted = only is None or k == only
@@ -293,7 +301,7 @@ def build_stages(config: TrainConfig, input_shape: tuple[int, ...], task: Task, 
             continue
         if boundary is not None:
             sg_optimizer = make_optimizer(list(boundary.parameters()), config.optim, lr=config.sg.lr)
-        segment = real_segment(config, input_shape, task, plan, k)
+        segment = segments[k]
         stages.append(
             Stage(
                 index=k,
