@@ -175,14 +175,13 @@ def open_run(method: str, segments: int, spec: Spec) -> tuple[MethodRun, Any]:
 def check_plans(ks: list[int], methods: list[str], spec: Spec) -> None:
     """Plan every run on the meta device before anything starts: a model that does not fit
     the data (``--set`` can choose both) is one line here, not an actor's death later."""
-    from dni_dist.builder import load_data, plan_model
+    from dni_dist.builder import load_data, plan_layout
 
     for k in ks:
         for method in methods:
             config = config_for(method, k, spec)
             data = load_data(config)
-            with torch.device("meta"):
-                plan_model(config, data.input_shape, data.task)
+            plan_layout(config, data.input_shape, data.task)  # on the meta device
 
 
 class RaySession:

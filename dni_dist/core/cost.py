@@ -42,13 +42,12 @@ class StepCosts:
     after: list[float]
 
 
-def _meta_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Meta stand-ins for a module's parameters and buffers, so a pass on them touches nothing real."""
-    state = {
-        name: torch.empty_like(p, device="meta").requires_grad_(p.requires_grad)
-        for name, p in module.named_parameters()
-    }
-    state.update({name: torch.empty_like(b, device="meta") for name, b in module.named_buffers()})
+def _stand_in_state(module: nn.Module, device: str) -> dict[str, torch.Tensor]:
+    """Stand-ins for a module's parameters and buffers, so a pass on them touches nothing real:
+    on meta (nothing allocated), or zeros on the CPU for a model the meta device cannot run."""
+    like = torch.empty_like if device == "meta" else torch.zeros_like
+    state = {name: like(p, device=device).requires_grad_(p.requires_grad) for name, p in module.named_parameters()}
+    state.update({name: b.to(device, copy=True) for name, b in module.named_buffers()})
     return state
 
 
@@ -79,26 +78,27 @@ def _flops(run: Callable[[], object]) -> int:
 
 
 def block_costs(
-    blocks: Sequence[nn.Module], input_shape: Shape, batch: int
+    blocks: Sequence[nn.Module], input_shape: Shape, batch: int, device: str = "meta"
 ) -> tuple[list[int], list[int], list[Shape]]:
-    """(forward FLOPs, backward FLOPs, output shape) of each block on a batch of ``batch``.
+    """(forward FLOPs, backward FLOPs, output shape) of each block on a batch of ``batch``,
+    run on ``device`` (meta; the CPU, computing for real, for a model meta cannot run).
 
     Block 0 reads data, so its backward computes no input gradient; every other block's does
     (its stage sends it down, or it is inside a segment)."""
     forwards, backwards, shapes = [], [], []
-    x = torch.zeros(batch, *input_shape, device="meta")
+    x = torch.zeros(batch, *input_shape, device=device)
     for b, block in enumerate(blocks):
-        forward, backward, x = _block_cost(block, x.detach().requires_grad_(b > 0))
+        forward, backward, x = _block_cost(block, x.detach().requires_grad_(b > 0), device)
         forwards.append(forward)
         backwards.append(backward)
         shapes.append(tuple(x.shape[1:]))
     return forwards, backwards, shapes
 
 
-def _block_cost(block: nn.Module, x: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+def _block_cost(block: nn.Module, x: torch.Tensor, device: str) -> tuple[int, int, torch.Tensor]:
     """(forward FLOPs, backward FLOPs, output) of one block; the input gradient is counted
     if ``x`` requires it."""
-    state = _meta_state(block)
+    state = _stand_in_state(block, device)
     with _counter() as counter:
         h = torch.func.functional_call(block, state, (x,))
     forward = int(counter.get_total_flops())
@@ -144,12 +144,14 @@ def step_costs(
     task: Task,
     make_boundary: BoundaryFactory,
     refresh: bool,
+    device: str = "meta",
 ) -> StepCosts:
     """The costs ``partition.balanced_cuts`` balances, for every place a cut may fall.
 
     ``make_boundary(k, shape)`` builds the boundary at cut k+1 (after block k). A cut where it
-    raises ConfigError (say a conv SG after a flatten) costs inf: balancing avoids it."""
-    forwards, backwards, shapes = block_costs(blocks, input_shape, batch)
+    raises ConfigError (say a conv SG after a flatten) costs inf: balancing avoids it. The
+    blocks run on ``device``; the boundaries (dni_dist's own) always on meta."""
+    forwards, backwards, shapes = block_costs(blocks, input_shape, batch, device)
     top = [f + b for f, b in zip(forwards, backwards, strict=True)]
     after: list[float] = []
     refreshing = False

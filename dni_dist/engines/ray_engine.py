@@ -22,7 +22,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from dni_dist.builder import build_stages, load_data, plan_model
+from dni_dist.builder import build_stages, load_data, plan_layout
 from dni_dist.config import TrainConfig
 from dni_dist.core.imports import import_root, resolve
 from dni_dist.core.precision import enable_tf32, wire_dtype
@@ -359,7 +359,7 @@ class RayRun:
         problem = next((p for p in problems if p), None)
         if problem:
             raise ConfigError(f"{problem}; ship the module with the job (ray job submit --working-dir, or py_modules)")
-        plan = plan_model(cfg, self.dataset.input_shape, task)
+        plan = plan_layout(cfg, self.dataset.input_shape, task)  # cut shapes only: on meta
         direct = cfg.method in ("dfa", "kickback")
         streams = all_streams(k, plan.cut_shapes, cfg.data.batch_size, task, direct, wire_dtype(cfg.precision))
         if cfg.transport == "grpc":

@@ -31,6 +31,11 @@ class TokenEmbedding(nn.Module):
         super().__init__()
         self.tokens = nn.Embedding(vocab, width)
         self.positions = nn.Embedding(context, width)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Small embeddings; also what re-initialising a block materialised from the meta
+        device calls (models/reinit.py), after the embeddings' own reset."""
         nn.init.normal_(self.tokens.weight, std=EMBEDDING_STD)
         nn.init.normal_(self.positions.weight, std=EMBEDDING_STD)
 

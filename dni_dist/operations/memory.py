@@ -120,8 +120,11 @@ def _optimizer_factor(config: TrainConfig) -> int:
     return 1 if config.optim.momentum > 0 else 0
 
 
-def _forward_bytes(segment: nn.Module, shape: tuple[int, ...], batch: int, grad_input: bool) -> tuple[int, int]:
-    """(bytes of the tensors autograd saves for one forward, bytes of its output), on meta."""
+def _forward_bytes(
+    segment: nn.Module, shape: tuple[int, ...], batch: int, grad_input: bool, device: str
+) -> tuple[int, int]:
+    """(bytes of the tensors autograd saves for one forward, bytes of its output), on meta or,
+    for a model the meta device cannot run, on the CPU for real."""
     params = {id(p) for p in segment.parameters()}
     saved: dict[int, int] = {}
 
@@ -131,7 +134,7 @@ def _forward_bytes(segment: nn.Module, shape: tuple[int, ...], batch: int, grad_
             saved[id(base)] = max(saved.get(id(base), 0), base.numel() * base.element_size())
         return t
 
-    x = torch.zeros(batch, *shape, device="meta", requires_grad=grad_input)
+    x = torch.zeros(batch, *shape, device=device, requires_grad=grad_input)
     segment.train()
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         h = segment(x)
@@ -147,11 +150,12 @@ def estimate(
     output_values: int,
     where: list[Device],
     train_bytes: int = 0,
+    plan_device: str = "meta",
 ) -> list[StageMemory]:
-    """Every stage's estimate; ``segments`` and ``boundaries`` built on the meta device,
-    ``where`` each stage runs (a GPU's default pending budget is half of it).
-    ``train_bytes``: the training set's size (inputs and labels), counted at stage 0 when
-    the run would keep it on the GPU.
+    """Every stage's estimate; ``segments`` and ``boundaries`` built on the meta device (the
+    segments on ``plan_device``: the CPU for a model meta cannot run), ``where`` each stage
+    runs (a GPU's default pending budget is half of it). ``train_bytes``: the training set's
+    size (inputs and labels), counted at stage 0 when the run would keep it on the GPU.
     ``output_values``: the values of one example's output, which is also the size of the
     one-hot context and of a direct error a waiting step keeps (T x V for a language model)."""
     batch = config.data.batch_size
@@ -163,7 +167,7 @@ def estimate(
     out = []
     for k, segment in enumerate(segments):
         params = _bytes(segment)
-        graph, h_bytes = _forward_bytes(segment, shapes[k], batch, grad_input=k > 0)
+        graph, h_bytes = _forward_bytes(segment, shapes[k], batch, grad_input=k > 0, device=plan_device)
         graph, h_bytes = int(graph * shrink), int(h_bytes * shrink)
         x_bytes = int(batch * math.prod(shapes[k]) * 4 * (shrink if k > 0 else 1.0))
         working = graph + x_bytes + h_bytes + (params // 2 if half else 0)

@@ -8,12 +8,11 @@ model costs milliseconds. ``dni-dist train --check`` prints the result and stops
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
-from dni_dist.builder import count_costs, load_data, make_boundary, plan_model
+from dni_dist.builder import count_costs, load_data, make_boundary, plan_layout
 from dni_dist.config import TrainConfig
 from dni_dist.core.partition import segment_loads
 from dni_dist.data import Dataset
@@ -53,19 +52,16 @@ def preflight(config: TrainConfig, dataset: Dataset | None = None) -> str:
     if n_train < config.data.batch_size:
         raise ConfigError(f"data.batch_size={config.data.batch_size} exceeds the {n_train} training samples; lower it")
     task = dataset.task
-    # FA swaps each layer for a twin of the same shape, drawing seeds with .item(), which the
-    # meta device cannot do; the plan (shapes and parameters) is backprop's.
-    shaped = dataclasses.replace(config, method="backprop") if config.method == "fa" else config
-    boundaries = []
+    # Planned on the meta device (or the CPU, for a model meta cannot run): FA's twins are
+    # made only when a stage is built, so the plan's layers are plain ones of the same shapes.
+    plan = plan_layout(config, dataset.input_shape, task)
     with torch.device("meta"):
-        plan = plan_model(shaped, dataset.input_shape, task)
-        for k, shape in enumerate(plan.cut_shapes):
-            boundaries.append(make_boundary(config, task, k, shape))
+        boundaries = [make_boundary(config, task, k, shape) for k, shape in enumerate(plan.cut_shapes)]
     blocks = [len(segment) for segment in plan.segments]
-    cuts = [sum(blocks[: i + 1]) for i in range(len(blocks) - 1)]
+    cuts = plan.cuts
     params = [_count(segment) for segment in plan.segments]
-    with torch.device("meta"):
-        costs = count_costs(shaped, [b for segment in plan.segments for b in segment], dataset.input_shape, task)
+    blocks_in_order = [b for segment in plan.segments for b in segment]
+    costs = count_costs(config, blocks_in_order, dataset.input_shape, task, plan.device)
     gflops = [f"{load / 1e9:.3g}" for load in segment_loads(costs.top, cuts, costs.after, costs.below)]
     model = config.model.factory or config.model.kind
     where = f"runtime={config.runtime}" + (f" transport={config.transport}" if config.runtime == "ray" else "")
@@ -80,6 +76,7 @@ def preflight(config: TrainConfig, dataset: Dataset | None = None) -> str:
         math.prod(task.output_shape),
         placed,
         train_bytes=dataset.x_train.nbytes + dataset.y_train.nbytes,
+        plan_device=plan.device,
     )
     memory.check_fit(needs, placed)
     return (
