@@ -193,11 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(f"config ok\n{preflight(config)}")
             return 0
-        from dni_dist.operations import interrupts
         from dni_dist.runner import train
 
-        with interrupts.recorded():  # a Ctrl-C that a library swallows still stops the run
-            summary = train(config, verbose=not args.quiet)
+        summary = train(config, verbose=not args.quiet)
     except ConfigError as exc:
         message = str(exc).replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever the user typed
         print(f"dni-dist: error: {message}", file=sys.stderr)

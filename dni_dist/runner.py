@@ -22,7 +22,6 @@ from dni_dist.core.stage import NumericFault
 from dni_dist.data import Dataset
 from dni_dist.engines.shards import ShardRecord
 from dni_dist.errors import RunFailed, StageLost, reason
-from dni_dist.operations import interrupts
 from dni_dist.operations.checkpoint import Position
 from dni_dist.operations.monitor import Monitor
 from dni_dist.operations.preflight import preflight
@@ -121,7 +120,6 @@ def run(
         mode = "a" if keeper.resumed_from else "w"  # a resumed run continues its log
         with (out / "metrics.jsonl").open(mode) as log:
             while position.epoch < config.epochs:
-                interrupts.check()  # a Ctrl-C swallowed while waiting on the stages stops here
                 if position.offset == 0:
                     losses = []
                 count = keeper.chunk(position)

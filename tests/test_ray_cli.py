@@ -110,7 +110,16 @@ def test_ctrl_c_stops_every_actor(tmp_path) -> None:
         "--set",
         "dist.num_cpus=2",
     ]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job (`cmd &`, nohup) starts with SIGINT ignored, the child would
+    # inherit that and never see the Ctrl-C: give it the default a terminal's command has.
+    proc = subprocess.Popen(
+        cmd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not (metrics.exists() and '"event": "epoch"' in metrics.read_text()):
