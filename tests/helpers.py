@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -87,3 +91,25 @@ def run_script_or_fail(args: list[str], timeout: float, what: str) -> subprocess
         proc.communicate()
         pytest.fail(f"{what} did not finish in {timeout:.0f} s")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 20.0) -> bool:
+    """Poll ``condition`` until it holds (True) or ``seconds`` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+_module_numbers = itertools.count()
+
+
+def write_module(directory: Path, monkeypatch: pytest.MonkeyPatch, prefix: str, source: str) -> str:
+    """A fresh module holding ``source`` (dedented), importable for this test; its name.
+    Each call gets a new name: Python caches a module by name for the whole session."""
+    name = f"{prefix}_{next(_module_numbers)}"
+    (directory / f"{name}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(directory))
+    return name

@@ -3,14 +3,13 @@ local engine (the Ray engine: test_factories_ray.py)."""
 
 from __future__ import annotations
 
-import itertools
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import config
+from helpers import write_module
 
 import dni_dist
 from dni_dist.builder import load_data, plan_model
@@ -67,15 +66,9 @@ def three_items():
 """
 
 
-_modules = itertools.count()
-
-
 @pytest.fixture
 def bad(tmp_path, monkeypatch) -> str:
-    name = f"bad_factories_{next(_modules)}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(BAD))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return name
+    return write_module(tmp_path, monkeypatch, "bad_factories", BAD)
 
 
 def _error(*overrides: str) -> str:

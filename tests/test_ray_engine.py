@@ -6,13 +6,12 @@ One Ray session for the whole module (starting Ray costs seconds on 2 cores).
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import ray
 import torch
 from conftest import config
-from helpers import stages_for, start_local_ray
+from helpers import stages_for, start_local_ray, wait_for
 
 from dni_dist.data import batches
 from dni_dist.engines.local import LocalEngine
@@ -27,15 +26,6 @@ def ray_session():
     start_local_ray()
     yield
     ray.shutdown()
-
-
-def _wait_for(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def _local_states(overrides: tuple[str, ...], epochs: int) -> list[dict[str, dict[str, torch.Tensor]]]:
@@ -121,7 +111,7 @@ def test_async_k2_reaches_the_local_accuracy_band(tmp_path, transport: str) -> N
     assert distributed["stages"][0]["sg_cosine"] > 0.2
     # clean shutdown: every CPU of the session is free again (actors and placement group gone;
     # Ray releases them asynchronously)
-    assert _wait_for(lambda: ray.available_resources().get("CPU") == 2, seconds=20)
+    assert wait_for(lambda: ray.available_resources().get("CPU") == 2, seconds=20)
 
 
 def test_a_slowed_stage_keeps_the_other_flat_and_every_step_runs_once(tmp_path) -> None:
@@ -189,7 +179,7 @@ def test_nccl_without_a_gpu_per_stage_is_a_one_line_config_error() -> None:
     cfg = config(*RAY, "transport=nccl")
     with pytest.raises(ConfigError, match="transport=nccl needs one GPU per stage"):
         RayRun(cfg, load_data(cfg))
-    assert _wait_for(lambda: ray.available_resources().get("CPU") == 2, seconds=20)
+    assert wait_for(lambda: ray.available_resources().get("CPU") == 2, seconds=20)
 
 
 def test_summary_reports_the_in_flight_limit_and_pending_memory(tmp_path) -> None:

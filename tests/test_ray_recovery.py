@@ -65,6 +65,19 @@ def _in_thread(cfg) -> tuple[threading.Thread, dict]:
     return thread, outcome
 
 
+def _kill_stage_1_after_an_epoch(cfg, out) -> dict:
+    """Run ``cfg`` in a thread, SIGKILL stage 1's process once an epoch is logged in ``out``;
+    the run's summary (it must finish, without an error)."""
+    thread, outcome = _in_thread(cfg)
+    pid = ray.get(_stage_actor(1).pid.remote())
+    _when_epochs_logged(out, 1)
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the run hung after a stage was killed"
+    assert "error" not in outcome, outcome.get("error")
+    return outcome["summary"]
+
+
 def test_lockstep_resume_over_gloo_gives_the_uninterrupted_parameters(tmp_path) -> None:
     run = (*RAY, "dist.schedule=lockstep", "method=sg", "segments=3")
     train(config(*run, "epochs=2", f"out={tmp_path / 'a'}", f"checkpoint.dir={tmp_path / 'ck-a'}"))
@@ -86,15 +99,7 @@ def test_lockstep_resume_over_gloo_gives_the_uninterrupted_parameters(tmp_path) 
 @pytest.mark.slow
 def test_a_stage_killed_mid_epoch_is_restarted_and_the_run_finishes(tmp_path) -> None:
     cfg = config(*RAY, "segments=2", "epochs=4", "dist.slow_stage=1", "dist.slow_seconds=0.03", f"out={tmp_path}")
-    thread, outcome = _in_thread(cfg)
-    victim = _stage_actor(1)
-    pid = ray.get(victim.pid.remote())
-    _when_epochs_logged(tmp_path, 1)
-    os.kill(pid, signal.SIGKILL)
-    thread.join(timeout=300)
-    assert not thread.is_alive(), "the run hung after a stage was killed"
-    assert "error" not in outcome, outcome.get("error")
-    summary = outcome["summary"]
+    summary = _kill_stage_1_after_an_epoch(cfg, tmp_path)
     assert summary["restarts"] == 1
     assert 0 < summary["redone_steps"] <= STEPS
     assert summary["steps"] == 4 * STEPS
@@ -201,15 +206,7 @@ def test_stages_write_their_own_shards_and_a_killed_stage_is_restored_from_objec
         f"checkpoint.dir={ck}",
         "checkpoint.every=5",
     )
-    thread, outcome = _in_thread(cfg)
-    victim = _stage_actor(1)
-    pid = ray.get(victim.pid.remote())
-    _when_epochs_logged(tmp_path, 1)
-    os.kill(pid, signal.SIGKILL)
-    thread.join(timeout=300)
-    assert not thread.is_alive(), "the run hung after a stage was killed"
-    assert "error" not in outcome, outcome.get("error")
-    summary = outcome["summary"]
+    summary = _kill_stage_1_after_an_epoch(cfg, tmp_path)
     assert summary["restarts"] == 1 and restored_from == ["refs"]
     assert summary["steps"] == 2 * STEPS
     assert all(stage["steps"] == 2 * STEPS for stage in summary["stages"])  # counters came from the refs

@@ -8,7 +8,7 @@ import time
 import pytest
 import ray
 from conftest import config
-from helpers import start_local_ray
+from helpers import start_local_ray, wait_for
 
 from dni_dist.builder import load_data
 from dni_dist.engines.ray_engine import RayRun
@@ -37,7 +37,7 @@ def test_stages_asking_for_gpus_the_cluster_lacks_wait_scale_timeout_then_one_li
     progress = [line for line in err.splitlines() if line.startswith("dni-dist: waiting for the cluster")]
     assert progress and "short of GPU 2 (has 0)" in progress[0] and "of dist.scale_timeout=3" in progress[0]
     # The failed run gave its placement group back: the whole cluster is free again.
-    assert _eventually(lambda: ray.available_resources().get("CPU") == 2.0)
+    assert wait_for(lambda: ray.available_resources().get("CPU") == 2.0)
 
 
 def test_a_local_ray_the_run_started_itself_is_refused_at_once_it_cannot_grow(capsys) -> None:
@@ -53,12 +53,3 @@ def test_a_local_ray_the_run_started_itself_is_refused_at_once_it_cannot_grow(ca
         remove_placement_group(pg)
     assert time.monotonic() - started < 10  # no wait at all, let alone a timeout's
     assert "\n" not in str(info.value) and "waiting" not in capsys.readouterr().err
-
-
-def _eventually(condition, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False

@@ -8,13 +8,12 @@ process is the contract the lockstep tests (test_ray_engine.py) rely on.
 
 from __future__ import annotations
 
-import itertools
 import resource
-import textwrap
 
 import pytest
 import torch
 from conftest import config
+from helpers import write_module
 from torch import nn
 
 from dni_dist.builder import build_stages, load_data, plan_layout, plan_model
@@ -142,15 +141,11 @@ def hand_set(input_shape, n_outputs):
     nn.init.constant_(first.weight, 0.5)  # weights a re-initialisation would undo
     return [first, nn.ReLU(), nn.Linear(8, n_outputs)]
 """
-_modules = itertools.count()
 
 
 @pytest.fixture
 def user_ops(tmp_path, monkeypatch) -> str:
-    name = f"user_ops_{next(_modules)}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(USER_OPS))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return name
+    return write_module(tmp_path, monkeypatch, "user_ops", USER_OPS)
 
 
 DATA = "data.factory=examples.factories:blobs"

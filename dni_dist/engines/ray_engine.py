@@ -32,7 +32,7 @@ from dni_dist.data import Dataset
 from dni_dist.data.device import TrainingSet
 from dni_dist.engines.placement import check_grpc_reach, stage_bundles, stage_cpus, stage_gpus
 from dni_dist.engines.scaling import wait_for_placement
-from dni_dist.engines.shards import ShardRecord, read_shard, read_token, write_shard, write_token
+from dni_dist.engines.shards import ShardRecord, read_shard, read_token, to_cpu, write_shard, write_token
 from dni_dist.engines.stage_loop import StageLoop
 from dni_dist.engines.wiring import all_streams, streams_of
 from dni_dist.errors import ConfigError, SnapshotLost, StageLost, reason
@@ -194,7 +194,7 @@ class StageWorker:
 
     def stage_state(self) -> dict[str, Any]:
         """The stage's full state (for checkpoints), on the CPU."""
-        return _to_cpu(self.stage.state_dict())
+        return to_cpu(self.stage.state_dict())
 
     def restore(self, state: dict[str, Any]) -> None:
         self.stage.load_state_dict(state)  # load_state_dict copies onto the stage's device
@@ -245,16 +245,6 @@ class StageWorker:
             self.transport.close()
         if self.config.transport != "grpc":
             shutdown_groups()
-
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 def _rss_bytes() -> int:

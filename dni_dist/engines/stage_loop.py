@@ -212,19 +212,17 @@ class StageLoop:
 
     def _resolve_limit(self, budget: int | None) -> None:
         """The in-flight limit; ``budget`` None: before the first step, nothing measured yet."""
-        stage = self.stage
-        step_bytes = self.meter.step_bytes
-        meter = self.meter
+        stage, meter = self.stage, self.meter
         self.max_in_flight, self.in_flight_bound = in_flight_limit(
             self._requested[0],
             stage.num_stages,
             stage.target_mode,
             budget or 0,
-            step_bytes,
+            meter.step_bytes,
             meter.stash_bytes,
             meter.stash_versions,
         )
-        if budget and step_bytes:  # a bounded weight stash: steps beyond it hold less
+        if budget and meter.step_bytes:  # a bounded weight stash: steps beyond it hold less
             self.memory_steps = meter.steps_within(budget)
 
     def pending_summary(self) -> dict[str, int | str | None]:

@@ -54,7 +54,13 @@ def _reset(module: nn.Module) -> None:
 def materialise_block(block: nn.Module, seed: int) -> nn.Module:
     """``block`` (on meta, changed in place) with real storage on the CPU, initialised from
     ``seed`` alone; the caller's random stream is left as it was. Always the CPU: a GPU's
-    generator would draw other numbers, and an actor moves its stage to its device later."""
+    generator would draw other numbers, and an actor moves its stage to its device later.
+    A block with state no ``reset_parameters()`` covers is refused: ``to_empty`` would leave
+    that state as whatever the memory held."""
+    bad = unresettable(block)
+    if bad is not None:
+        owner = f"{type(bad).__name__} in {type(block).__name__}"
+        raise RuntimeError(f"{owner} has no reset_parameters(): the block cannot be built alone")
     block.to_empty(device="cpu")
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)

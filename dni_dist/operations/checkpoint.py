@@ -10,7 +10,7 @@ Layout (one directory per checkpoint, newest = highest step)::
         ...
 
 A checkpoint is written in three moves: ``begin`` makes ``DIR/.tmp-...``; whoever holds a
-stage's state writes and fsyncs its shard there (core/shards.py; on Ray each stage actor
+stage's state writes and fsyncs its shard there (engines/shards.py; on Ray each stage actor
 writes its own, so the driver never holds the tensors); ``commit`` checks every shard is
 there with the size its writer reported, writes and fsyncs ``meta.json`` and the directory,
 and renames it into place, then fsyncs ``DIR``: a crash leaves either the whole checkpoint
