@@ -148,6 +148,9 @@ class DistConfig:
     # so that its own daemons stay responsive; a stage is the pipeline's critical path, and at
     # 15 any process at 0 (the driver, a data loader, a neighbour's job) takes its core first.
     niceness: int = 0
+    # Pin each stage actor to cores of its own (engines/affinity.py): on, off, or auto = only
+    # when this run started its own Ray (no other job can be on the machine to collide with).
+    pin_cpus: str = "auto"
     # gRPC security: off loopback, TLS (PEM files) and a shared token are required. The
     # token is read from the environment variable named here, never from the config
     # (summary.json records the config).
@@ -232,6 +235,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "dist.schedule": ("async", "lockstep"),
     "dist.placement": ("pack", "spread"),
     "dist.device": ("auto", "cpu", "cuda"),
+    "dist.pin_cpus": ("auto", "on", "off"),
     "progress": ("auto", "bar", "lines", "off"),
 }
 # Longest wait a thread primitive accepts (threading.TIMEOUT_MAX is about 292 years on

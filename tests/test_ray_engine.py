@@ -6,6 +6,7 @@ One Ray session for the whole module (starting Ray costs seconds on 2 cores).
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import ray
@@ -108,6 +109,7 @@ def test_async_k2_reaches_the_local_accuracy_band(tmp_path, transport: str) -> N
         assert 0.0 < stage["busy_fraction"] <= 1.0
         assert stage["steps"] == distributed["steps"]
         assert stage["niceness"] == 0  # dist.niceness, not Ray's default of 15 for workers
+        assert stage["cpu_affinity"] is None  # dist.pin_cpus=auto: this Ray is the tests', not the run's
     assert distributed["stages"][0]["sg_cosine"] > 0.2
     # clean shutdown: every CPU of the session is free again (actors and placement group gone;
     # Ray releases them asynchronously)
@@ -179,6 +181,24 @@ def test_nccl_without_a_gpu_per_stage_is_a_one_line_config_error() -> None:
     cfg = config(*RAY, "transport=nccl")
     with pytest.raises(ConfigError, match="transport=nccl needs one GPU per stage"):
         RayRun(cfg, load_data(cfg))
+    assert wait_for(lambda: ray.available_resources().get("CPU") == 2, seconds=20)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to give each stage its own")
+def test_pin_cpus_on_gives_each_stage_a_core_of_its_own_or_stops_in_one_line(tmp_path) -> None:
+    from dni_dist.builder import load_data
+    from dni_dist.errors import ConfigError
+
+    cores = sorted(os.sched_getaffinity(0))
+    summary = train(config(*RAY, "segments=2", "epochs=1", "dist.pin_cpus=on", f"out={tmp_path}"))
+    assert [s["cpu_affinity"] for s in summary["stages"]] == [cores[:1], cores[1:2]]
+    assert summary["test_accuracy"] > 0.5
+    if (len(cores) + 1) * 0.5 > 2:
+        return  # more stages than this module's Ray (2 CPUs) could place: the pin check is not reached
+    cfg = config(*RAY, f"segments={len(cores) + 1}", "dist.pin_cpus=on")
+    with pytest.raises(ConfigError, match=r"dist.pin_cpus=on: \d+ stages of 1 core\(s\) each") as caught:
+        RayRun(cfg, load_data(cfg))
+    assert "\n" not in str(caught.value)
     assert wait_for(lambda: ray.available_resources().get("CPU") == 2, seconds=20)
 
 

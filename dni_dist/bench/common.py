@@ -198,7 +198,9 @@ class RaySession:
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
             return
         cpus = max(1, math.ceil(max_segments * cpus_per_stage))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        from dni_dist.engines.ray_engine import start_local_ray
+
+        start_local_ray(cpus)  # ours: dist.pin_cpus=auto pins the stages
         self.started = True
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ import torch
 
 from dni_dist.builder import load_data
 from dni_dist.config import TrainConfig, load_config
+from dni_dist.engines.ray_engine import start_local_ray
 
 LATENCIES = (0.0, 0.001, 0.01, 0.05)
 # label -> (method, extra overrides)
@@ -119,7 +120,7 @@ def run(
     started_ray = not ray.is_initialized()
     if started_ray:
         cpus = max(2, max(segments) * int(max(1, sizes["cpus_per_stage"])))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        start_local_ray(cpus)
     results = []
     try:
         for k in segments:

@@ -189,10 +189,12 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     import ray
 
+    from dni_dist.engines.ray_engine import start_local_ray
+
     threads = [1]  # as each actor has (with 2 threads on a loaded 2-core machine it ran 10-60x slower)
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=max(1, round(k * cpus + 0.49)), include_dashboard=False, log_to_driver=False)
+        start_local_ray(max(1, round(k * cpus + 0.49)))
     try:
         engines = measure(local_cfg, ray_cfg, n, threads)
     finally:

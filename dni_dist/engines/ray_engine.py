@@ -30,6 +30,7 @@ from dni_dist.core.probe import Snapshot, StageProbe
 from dni_dist.core.tasks import Task
 from dni_dist.data import Dataset
 from dni_dist.data.device import TrainingSet
+from dni_dist.engines.affinity import pin_process, plan_pins, should_pin, too_few_cores
 from dni_dist.engines.placement import check_grpc_reach, stage_bundles, stage_cpus, stage_gpus
 from dni_dist.engines.scaling import wait_for_placement
 from dni_dist.engines.shards import ShardRecord, read_shard, read_token, to_cpu, write_shard, write_token
@@ -59,6 +60,7 @@ class StageWorker:
         self.index = index
         self.device = torch.device("cuda:0") if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
         self.transport: Transport | None = None
+        self.pinned: list[int] | None = None  # the cores of dist.pin_cpus, if pinned
         # The user's module: on this worker's path, else where the driver found it. A worker
         # that finds neither says so through import_problem (an exception here would reach
         # the driver as a dead actor, not as the one line the user needs).
@@ -221,6 +223,16 @@ class StageWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def allowed_cores(self) -> list[int]:
+        """The cores this process may run on (its node's, or its container's cpuset)."""
+        return sorted(os.sched_getaffinity(0))
+
+    def pin_cpus(self, cores: list[int]) -> list[int]:
+        """Keep every thread of this stage on ``cores`` (``dist.pin_cpus``), before the links
+        start their threads, which inherit it."""
+        self.pinned = pin_process(cores)
+        return self.pinned
+
     def drop_links(self) -> None:
         """Fault drill: stop this stage's gRPC server as if its host went away."""
         from dni_dist.transports.grpc_transport import GrpcTransport
@@ -233,6 +245,7 @@ class StageWorker:
         stats["busy_fraction"] = self.busy[0] / self.busy[1] if self.busy[1] else 0.0
         stats["parameters"] = sum(p.numel() for p in self.stage.module.parameters())
         stats["device"] = str(self.device)
+        stats["cpu_affinity"] = self.pinned  # None: not pinned (dist.pin_cpus)
         stats["niceness"] = os.getpriority(os.PRIO_PROCESS, 0)  # what dist.niceness got (Ray applies it)
         if self.loop is not None:
             stats.update(self.loop.pending_summary())
@@ -262,6 +275,22 @@ def _bundle_nodes(pg: Any, count: int) -> list[str]:
     return [str(table.get(i, table.get(str(i), ""))) for i in range(count)]
 
 
+_started_here: str | None = None  # the GCS address of the last Ray this process started
+
+
+def start_local_ray(num_cpus: int, log_to_driver: bool = False) -> None:
+    """Start a Ray of this process's own (no other job can reach it), remembered so that
+    ``dist.pin_cpus=auto`` knows the machine's cores are this run's to hand out."""
+    global _started_here
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+    _started_here = ray.get_runtime_context().gcs_address
+
+
+def owns_ray() -> bool:
+    """Is the Ray this process is connected to one that it started (``start_local_ray``)?"""
+    return ray.is_initialized() and _started_here == ray.get_runtime_context().gcs_address
+
+
 def connect_ray(config: TrainConfig) -> bool:
     """Join the configured cluster, or start an embedded one. True if we started it."""
     if ray.is_initialized():
@@ -270,7 +299,7 @@ def connect_ray(config: TrainConfig) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(num_cpus=config.dist.num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
+    start_local_ray(config.dist.num_cpus or os.cpu_count() or 1, log_to_driver=True)
     return True
 
 
@@ -349,6 +378,8 @@ class RayRun:
         problem = next((p for p in problems if p), None)
         if problem:
             raise ConfigError(f"{problem}; ship the module with the job (ray job submit --working-dir, or py_modules)")
+        if should_pin(d.pin_cpus, owns_ray()):
+            self._pin([bundle_nodes[b] for b in bundles], cpus)
         plan = plan_layout(cfg, self.dataset.input_shape, task)  # cut shapes only: on meta
         direct = cfg.method in ("dfa", "kickback")
         streams = all_streams(k, plan.cut_shapes, cfg.data.batch_size, task, direct, wire_dtype(cfg.precision))
@@ -361,6 +392,17 @@ class RayRun:
             address, port = ray.get(self.actors[0].rendezvous.remote())
             ray.get([a.connect.remote(streams, address, port) for a in self.actors], timeout=cfg.dist.timeout)
         self.steps_per_epoch = len(self.dataset.x_train) // cfg.data.batch_size
+
+    def _pin(self, stage_nodes: list[str], cpus: float) -> None:
+        """Each stage on cores of its own, or (``auto``) none when some node has too few."""
+        timeout = self.config.dist.timeout
+        allowed = ray.get([a.allowed_cores.remote() for a in self.actors], timeout=timeout)
+        pins = plan_pins(stage_nodes, allowed, cpus)
+        if pins is None:
+            if self.config.dist.pin_cpus == "on":
+                raise too_few_cores(stage_nodes, allowed, cpus)
+            return
+        ray.get([a.pin_cpus.remote(p) for a, p in zip(self.actors, pins, strict=True)], timeout=timeout)
 
     def train_epoch(self, epoch: int) -> list[float]:
         return self.train_steps(epoch, 0, self.steps_per_epoch)
