@@ -1,43 +1,67 @@
-"""Ray engine against the local engine, samples/s, in one process.
+"""Ray engine against the local engine, samples/s, in one process, epochs interleaved.
 
-Digits default (method sg, K=2), 8 epochs each, the runs' own ``samples_per_second``
-(summary.json): the local engine, then the Ray engine with its stages unpinned
-(``dist.pin_cpus=off``) and pinned (``auto``: this script starts its own Ray, so the stages
-get a core each). Run it with PYTHONPATH pointing at a checkout to compare two trees, e.g.
-``PYTHONPATH=/path/to/old python benchmarks/ray_vs_local.py old`` then the same for the
-new tree, alternating, on a quiet machine.
+Digits default (method sg, K=2, batch 64, gloo, one CPU per actor). The engines run side
+by side: the local engine (one torch thread, as each actor has), the Ray engine with its
+stages unpinned (``dist.pin_cpus=off``), pinned (``auto``: this script starts its own Ray)
+with the compute thread as nice as its link threads (``dist.compute_nice_offset=0``), and
+pinned with the default offset. Each epoch runs on every engine in turn, so a change of
+load on a shared machine (this one's neighbours move wall times by 10-20% from minute to
+minute) hits them alike; the first epoch of each is left out. Samples/s is the median
+epoch's. ``--epochs N`` (default 12). Run it with PYTHONPATH pointing at a checkout to
+compare two trees.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import statistics
+import time
 
 import ray
 import torch
 
+from dni_dist.builder import load_data
 from dni_dist.config import load_config
-from dni_dist.engines.ray_engine import start_local_ray
-from dni_dist.runner import train
+from dni_dist.engines.local_run import LocalRun
+from dni_dist.engines.ray_engine import RayRun, start_local_ray
 
-RUNS = {
+RAY = ["runtime=ray", "transport=gloo", "dist.cpus_per_stage=1"]
+ENGINES = {
     "local": ["runtime=local"],
-    "ray unpinned": ["runtime=ray", "transport=gloo", "dist.cpus_per_stage=1", "dist.pin_cpus=off"],
-    "ray pinned": ["runtime=ray", "transport=gloo", "dist.cpus_per_stage=1", "dist.pin_cpus=auto"],
+    "ray unpinned": [*RAY, "dist.pin_cpus=off"],
+    "ray pinned, offset 0": [*RAY, "dist.pin_cpus=auto", "dist.compute_nice_offset=0"],
+    "ray pinned": [*RAY, "dist.pin_cpus=auto"],
 }
 
 
-def main(label: str) -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--label", default="this tree")
+    args = parser.parse_args()
     torch.set_num_threads(1)
-    start_local_ray(2)
-    rates = {}
-    for name, settings in RUNS.items():
-        overrides = ["epochs=8", "segments=2", "progress=off", f"out=runs/ray-vs-local-{name.replace(' ', '-')}"]
-        rates[name] = train(load_config(overrides=[*overrides, *settings]), verbose=False)["samples_per_second"]
-    ray.shutdown()
-    local = rates.pop("local")
-    ratios = ", ".join(f"{name} {rate:.0f} ({rate / local:.2f}x)" for name, rate in rates.items())
-    print(f"{label}: local {local:.0f} samples/s, {ratios}")
+    start_local_ray(2 * len(ENGINES))  # logical CPUs: the idle engines' actors keep theirs
+    runs = {}
+    try:
+        for name, settings in ENGINES.items():
+            cfg = load_config(overrides=["segments=2", "progress=off", *settings])
+            data = load_data(cfg)
+            runs[name] = (LocalRun if cfg.runtime == "local" else RayRun)(cfg, data)
+        steps = len(data.x_train) // cfg.data.batch_size
+        walls: dict[str, list[float]] = {name: [] for name in runs}
+        for epoch in range(args.epochs):
+            for name, run in runs.items():
+                started = time.perf_counter()
+                run.train_epoch(epoch)
+                walls[name].append(time.perf_counter() - started)
+    finally:
+        for run in runs.values():
+            run.close()
+        ray.shutdown()
+    rates = {name: steps * cfg.data.batch_size / statistics.median(w[1:]) for name, w in walls.items()}
+    local = rates["local"]
+    print(f"{args.label}: " + ", ".join(f"{name} {rate:.0f} ({rate / local:.2f}x)" for name, rate in rates.items()))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "this tree")
+    main()

@@ -151,6 +151,9 @@ class DistConfig:
     # Pin each stage actor to cores of its own (engines/affinity.py): on, off, or auto = only
     # when this run started its own Ray (no other job can be on the machine to collide with).
     pin_cpus: str = "auto"
+    # A pinned stage's compute thread runs this much nicer than its link threads, so that a
+    # link thread woken by a message runs at once instead of after the compute's time slice.
+    compute_nice_offset: int = 5
     # gRPC security: off loopback, TLS (PEM files) and a shared token are required. The
     # token is read from the environment variable named here, never from the config
     # (summary.json records the config).
@@ -286,6 +289,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "dist.capacity": (1, 4096),
     "dist.max_in_flight": (0, 4096),
     "dist.niceness": (0, 19),
+    "dist.compute_nice_offset": (0, 19),
     "dist.pending_memory": (0, 1 << 50),
     "dist.chunk_bytes": (1024, 1 << 30),
     "dist.slow_stage": (-1, 64),

@@ -67,3 +67,21 @@ print(sorted(os.sched_getaffinity(before.native_id)), after[0])
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == f"[{core}]"
     assert out[1] == f"[{core}] [{core}]"
+
+
+def test_a_compute_thread_made_nicer_leaves_the_other_threads_as_they_were() -> None:
+    script = """
+import os, threading
+from dni_dist.engines.affinity import compute_niceness, set_thread_niceness
+base = os.getpriority(os.PRIO_PROCESS, 0)
+seen = []
+def compute():
+    set_thread_niceness(compute_niceness(5))
+    seen.append(os.getpriority(os.PRIO_PROCESS, 0))
+worker = threading.Thread(target=compute)
+worker.start(); worker.join()
+print(base, seen[0], os.getpriority(os.PRIO_PROCESS, 0), compute_niceness(40))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    base, compute, main_after, capped = map(int, out)
+    assert compute == min(19, base + 5) and main_after == base and capped == 19

@@ -110,6 +110,7 @@ def test_async_k2_reaches_the_local_accuracy_band(tmp_path, transport: str) -> N
         assert stage["steps"] == distributed["steps"]
         assert stage["niceness"] == 0  # dist.niceness, not Ray's default of 15 for workers
         assert stage["cpu_affinity"] is None  # dist.pin_cpus=auto: this Ray is the tests', not the run's
+        assert stage["compute_niceness"] is None  # unpinned: the compute thread keeps the process's
     assert distributed["stages"][0]["sg_cosine"] > 0.2
     # clean shutdown: every CPU of the session is free again (actors and placement group gone;
     # Ray releases them asynchronously)
@@ -192,6 +193,8 @@ def test_pin_cpus_on_gives_each_stage_a_core_of_its_own_or_stops_in_one_line(tmp
     cores = sorted(os.sched_getaffinity(0))
     summary = train(config(*RAY, "segments=2", "epochs=1", "dist.pin_cpus=on", f"out={tmp_path}"))
     assert [s["cpu_affinity"] for s in summary["stages"]] == [cores[:1], cores[1:2]]
+    # ... and each compute thread runs nicer than its link threads (dist.compute_nice_offset=5)
+    assert [s["compute_niceness"] for s in summary["stages"]] == [5, 5]
     assert summary["test_accuracy"] > 0.5
     if (len(cores) + 1) * 0.5 > 2:
         return  # more stages than this module's Ray (2 CPUs) could place: the pin check is not reached

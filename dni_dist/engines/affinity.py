@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Sequence
 
 from dni_dist.errors import ConfigError
@@ -77,6 +78,24 @@ def too_few_cores(stage_nodes: Sequence[str], allowed: Sequence[Sequence[int]], 
         f"dist.pin_cpus=on: {stages} stages of {width} core(s) each are placed on node {node or 'local'}, "
         f"where this run may use {len(cores)} core(s); lower dist.cpus_per_stage or segments, or set dist.pin_cpus=auto"
     )
+
+
+def compute_niceness(offset: int) -> int:
+    """The niceness for a pinned stage's compute thread (``dist.compute_nice_offset``): this
+    thread's plus ``offset``.
+
+    The stage's link threads share its cores, so a link thread woken by a message would
+    otherwise wait for the compute thread's time slice before it passes the message on; the
+    pipeline's round trip grows by that, and stage 0 idles at its in-flight limit. A nicer
+    compute thread lets the kernel run a woken link thread at once; only the stage's own
+    threads run on its cores, so the compute thread gives way to nothing else. (Making the
+    link threads less nice instead needs CAP_SYS_NICE, which containers rarely have.)"""
+    return min(19, os.getpriority(os.PRIO_PROCESS, 0) + offset)
+
+
+def set_thread_niceness(niceness: int) -> None:
+    """Set the calling thread's niceness (Linux keeps one per thread)."""
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
 
 
 def pin_process(cores: Sequence[int]) -> list[int]:

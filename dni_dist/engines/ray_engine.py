@@ -30,7 +30,14 @@ from dni_dist.core.probe import Snapshot, StageProbe
 from dni_dist.core.tasks import Task
 from dni_dist.data import Dataset
 from dni_dist.data.device import TrainingSet
-from dni_dist.engines.affinity import pin_process, plan_pins, should_pin, too_few_cores
+from dni_dist.engines.affinity import (
+    compute_niceness,
+    pin_process,
+    plan_pins,
+    set_thread_niceness,
+    should_pin,
+    too_few_cores,
+)
 from dni_dist.engines.placement import check_grpc_reach, stage_bundles, stage_cpus, stage_gpus
 from dni_dist.engines.scaling import wait_for_placement
 from dni_dist.engines.shards import ShardRecord, read_shard, read_token, to_cpu, write_shard, write_token
@@ -61,6 +68,8 @@ class StageWorker:
         self.device = torch.device("cuda:0") if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
         self.transport: Transport | None = None
         self.pinned: list[int] | None = None  # the cores of dist.pin_cpus, if pinned
+        self.compute_nice: int | None = None  # and then the compute thread's niceness
+        self.compute_nice_seen: int | None = None  # as read back by the last run_epoch's thread
         # The user's module: on this worker's path, else where the driver found it. A worker
         # that finds neither says so through import_problem (an exception here would reach
         # the driver as a dead actor, not as the one line the user needs).
@@ -165,6 +174,9 @@ class StageWorker:
             # Only this chunk's batches: skipped ones would be gathered (and copied) for nothing.
             size, seed = self.config.data.batch_size, self.config.seed
             inputs = self.train_set.batches(size, seed, epoch, offset, offset + steps)
+        if self.compute_nice is not None:  # pinned: a woken link thread goes first (affinity.py)
+            set_thread_niceness(self.compute_nice)
+            self.compute_nice_seen = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's (Linux)
         report = self.loop.run_epoch(first_step, steps, inputs)
         self.busy[0] += report.compute_seconds
         self.busy[1] += report.wall_seconds
@@ -229,8 +241,9 @@ class StageWorker:
 
     def pin_cpus(self, cores: list[int]) -> list[int]:
         """Keep every thread of this stage on ``cores`` (``dist.pin_cpus``), before the links
-        start their threads, which inherit it."""
+        start their threads, which inherit it; ``run_epoch``'s thread will yield to them."""
         self.pinned = pin_process(cores)
+        self.compute_nice = compute_niceness(self.config.dist.compute_nice_offset)
         return self.pinned
 
     def drop_links(self) -> None:
@@ -246,6 +259,7 @@ class StageWorker:
         stats["parameters"] = sum(p.numel() for p in self.stage.module.parameters())
         stats["device"] = str(self.device)
         stats["cpu_affinity"] = self.pinned  # None: not pinned (dist.pin_cpus)
+        stats["compute_niceness"] = self.compute_nice_seen
         stats["niceness"] = os.getpriority(os.PRIO_PROCESS, 0)  # what dist.niceness got (Ray applies it)
         if self.loop is not None:
             stats.update(self.loop.pending_summary())
