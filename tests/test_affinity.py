@@ -9,7 +9,14 @@ import sys
 import pytest
 
 from dni_dist.config import load_config
-from dni_dist.engines.affinity import cpu_slots, plan_pins, should_pin, slot_cores, slot_width, too_few_cores
+from dni_dist.engines.affinity import (
+    CoreClaim,
+    candidate_cores,
+    cpu_slots,
+    should_pin,
+    slot_width,
+    too_few_cores,
+)
 from dni_dist.errors import ConfigError
 
 
@@ -22,23 +29,53 @@ def test_a_slot_is_whole_cores(cpus: float, width: int) -> None:
     assert slot_width(cpus) == width
 
 
-def test_slots_follow_the_cores_a_stage_may_use_not_core_numbers() -> None:
-    # A container's cpuset: cores 4-7 of the node; slot 1 of width 2 is 6 and 7.
-    assert slot_cores([7, 4, 6, 5], 1, 2) == [6, 7]
-    assert slot_cores([4, 5, 6, 7], 2, 2) is None
+def test_a_stage_tries_its_slots_cores_first_then_the_next_ones_round_the_end() -> None:
+    # A container's cpuset: cores 4-7 of the node; slot 1 of width 2 starts at core 6.
+    assert candidate_cores([7, 4, 6, 5], 1, 2) == [6, 7, 4, 5]
+    assert candidate_cores([4, 5, 6, 7], 2, 2) == [4, 5, 6, 7]
 
 
-def test_a_node_short_of_cores_pins_no_stage_at_all() -> None:
-    allowed = [[0, 1, 2, 3]] * 3 + [[0, 1]] * 2
-    nodes = ["a", "a", "a", "b", "b"]
-    assert plan_pins(nodes, allowed, 1.0) == [[0], [1], [2], [0], [1]]
-    assert plan_pins(nodes, allowed, 2.0) is None  # node a: 3 stages x 2 cores > 4
+def test_claims_never_share_a_core_and_a_release_frees_it(tmp_path) -> None:
+    first, second, third = CoreClaim(tmp_path), CoreClaim(tmp_path), CoreClaim(tmp_path)
+    assert first.claim([0, 1], 0, 1) == [0]
+    assert second.claim([0, 1], 0, 1) == [1]  # core 0 is held: the next free one
+    assert third.claim([0, 1], 0, 1) is None and third.cores == []
+    assert third.free([0, 1]) == 0
+    first.release()
+    assert third.claim([0, 1], 0, 1) == [0]
+    wide = CoreClaim(tmp_path)
+    assert wide.claim([0, 1, 2, 3, 4], 1, 2) == [2, 3]
+    assert wide.claim([0, 1, 2], 0, 2) is None  # too few free: it holds none of them afterwards
+    assert CoreClaim(tmp_path).claim([2, 3], 0, 2) == [2, 3]
 
 
-def test_too_few_cores_is_one_line_naming_the_key() -> None:
-    error = too_few_cores(["a", "a", "a"], [[0, 1]] * 3, 1.0)
+def test_a_claim_dies_with_its_process(tmp_path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from pathlib import Path; from dni_dist.engines.affinity import CoreClaim; "
+            f"c = CoreClaim(Path({str(tmp_path)!r})); print(c.claim([0], 0, 1), flush=True); input()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "[0]"
+        assert CoreClaim(tmp_path).claim([0], 0, 1) is None
+        holder.kill()  # no release, no clean exit
+        holder.wait(timeout=10)
+        assert CoreClaim(tmp_path).claim([0], 0, 1) == [0]
+    finally:
+        holder.kill()
+
+
+def test_too_few_cores_is_one_line_naming_the_key_and_the_counts() -> None:
+    error = too_few_cores(2, "node-a", 1, 2, 0)
     assert isinstance(error, ConfigError) and "\n" not in str(error)
-    assert "dist.pin_cpus=on" in str(error) and "3 stages of 1 core(s)" in str(error) and "2 core(s)" in str(error)
+    assert str(error).startswith("dist.pin_cpus=on: stage 2 needs 1 core(s) of its own on node node-a")
+    assert "use 2 core(s), 0 of them free" in str(error)
 
 
 def test_auto_pins_only_on_a_ray_this_process_started() -> None:

@@ -199,7 +199,9 @@ def test_pin_cpus_on_gives_each_stage_a_core_of_its_own_or_stops_in_one_line(tmp
     if (len(cores) + 1) * 0.5 > 2:
         return  # more stages than this module's Ray (2 CPUs) could place: the pin check is not reached
     cfg = config(*RAY, f"segments={len(cores) + 1}", "dist.pin_cpus=on")
-    with pytest.raises(ConfigError, match=r"dist.pin_cpus=on: \d+ stages of 1 core\(s\) each") as caught:
+    with pytest.raises(
+        ConfigError, match=rf"dist.pin_cpus=on: stage {len(cores)} needs 1 core\(s\) of its own"
+    ) as caught:
         RayRun(cfg, load_data(cfg))
     assert "\n" not in str(caught.value)
     assert wait_for(lambda: ray.available_resources().get("CPU") == 2, seconds=20)

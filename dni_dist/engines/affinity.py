@@ -1,30 +1,40 @@
-"""Pinning each stage actor to its own CPU cores (``dist.pin_cpus``).
+"""Pinning each stage actor to CPU cores of its own (``dist.pin_cpus``).
 
-Ray reserves CPUs as numbers, not as cores: every worker may run on any core of its node.
-With the stages of one pipeline on one node, the kernel then moves a stage's threads from
-core to core (its compute thread, its link threads and gloo's), and each move leaves the
-stage's caches behind. Pinned, each stage keeps its threads on its own cores. Measured on
-the 2-core machine (benchmarks/RESULTS.md, "Pinned stages"): digits K=2 on Ray, 15.6k
-samples/s unpinned against 18.6k pinned, mean of four alternating pairs.
+Ray reserves CPUs as numbers, not as cores: every worker may run on any core of its node,
+and the kernel moves a stage's threads (its compute thread, its link threads, gloo's) from
+core to core, each move leaving the stage's caches behind. On the 2-core machine the same
+``Stage`` calls took 15-55% more CPU in an unpinned Ray stage than in one process, and as
+much as in one process once pinned (benchmarks/RESULTS.md, "Pinned stages").
 
-Which cores: the stages placed on one node take consecutive slots, in stage order, of
-``ceil(cpus_per_stage)`` cores each, from the cores the actor may use
-(``os.sched_getaffinity``: a container's cpuset, say). Two jobs on one node know nothing of
-each other's slots, so both would pin their stage 0 to the same cores; hence ``auto`` pins
-only on a Ray this process started (the CLI's embedded Ray, a benchmark's: no other job can
-reach it), and ``on`` is for nodes the user knows this run has to itself. NUMA and GPU locality are not considered.
+Which cores: the stages on one node take slots in stage order, ``ceil(cpus_per_stage)``
+cores each, from the cores the actor may use (``os.sched_getaffinity``: a container's
+cpuset, say). A stage claims its cores with an exclusive ``flock`` on one file per core
+(``CLAIMS_DIR``), held for the actor's life and dropped by the kernel however the process
+ends, so two runs on one machine never pin to the same core: a core another run holds is
+passed over for the next free one. Pinning is all or nothing: when some stage finds too
+few free cores, ``auto`` pins none, ``on`` stops with one line.
+
+``auto`` pins only on a Ray this process started (the CLI's embedded Ray, a benchmark's):
+on a shared cluster, processes that are not ours float over every core, our pinned stage
+among them, and it could no longer move away from a busy one. NUMA and GPU locality are
+not considered.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
+import tempfile
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from dni_dist.errors import ConfigError
 
 PIN_MODES = ("auto", "on", "off")
+CLAIMS_DIR = Path(tempfile.gettempdir()) / "dni-dist-cores"
 
 
 def should_pin(mode: str, own_ray: bool) -> bool:
@@ -48,35 +58,79 @@ def slot_width(cpus_per_stage: float) -> int:
     return max(1, math.ceil(cpus_per_stage - 1e-9))
 
 
-def slot_cores(allowed: Sequence[int], slot: int, width: int) -> list[int] | None:
-    """The cores of ``slot`` among ``allowed`` (sorted), or None when the node has too few."""
+def candidate_cores(allowed: Sequence[int], slot: int, width: int) -> list[int]:
+    """``allowed`` in the order a stage tries them: from its slot's first core on, round the
+    end; a run alone on its machine gets slot i's cores, later runs the next free ones."""
     cores = sorted(allowed)
-    first = slot * width
-    if first + width > len(cores):
-        return None
-    return cores[first : first + width]
+    if not cores:
+        return []
+    first = (slot * width) % len(cores)
+    return cores[first:] + cores[:first]
 
 
-def plan_pins(
-    stage_nodes: Sequence[str], allowed: Sequence[Sequence[int]], cpus_per_stage: float
-) -> list[list[int]] | None:
-    """Every stage's cores (``allowed``: the cores each actor may use), or None when some
-    node has fewer cores than its stages' slots: then no stage is pinned."""
-    width = slot_width(cpus_per_stage)
-    pins = [slot_cores(cores, slot, width) for cores, slot in zip(allowed, cpu_slots(stage_nodes), strict=True)]
-    return None if any(p is None for p in pins) else pins  # type: ignore[return-value]
+class CoreClaim:
+    """The cores one stage holds: an exclusive flock on ``DIR/core-N`` per core."""
+
+    def __init__(self, directory: Path = CLAIMS_DIR) -> None:
+        self.directory = directory
+        self.cores: list[int] = []
+        self._fds: list[int] = []
+
+    def claim(self, allowed: Sequence[int], slot: int, width: int) -> list[int] | None:
+        """``width`` free cores of ``allowed``, held from now on; None (holding none) if fewer are free."""
+        self.release()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(PermissionError):  # another user's directory: theirs to open up
+            os.chmod(self.directory, 0o1777)  # like /tmp: every user's runs share the claims
+        for core in candidate_cores(allowed, slot, width):
+            if len(self.cores) == width:
+                break
+            fd = self._lock(core)
+            if fd is not None:
+                self._fds.append(fd)
+                self.cores.append(core)
+        if len(self.cores) < width:
+            self.release()
+            return None
+        return sorted(self.cores)
+
+    def free(self, allowed: Sequence[int]) -> int:
+        """How many of ``allowed`` no stage holds now (for the error line)."""
+        count = 0
+        for core in allowed:
+            if core in self.cores:
+                continue
+            fd = self._lock(core)
+            if fd is not None:
+                os.close(fd)  # closing drops the lock again
+                count += 1
+        return count
+
+    def release(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds, self.cores = [], []
+
+    def _lock(self, core: int) -> int | None:
+        """An fd holding ``core``'s lock, or None if another holds it (or its file is not ours to open)."""
+        try:
+            fd = os.open(self.directory / f"core-{core}", os.O_RDONLY | os.O_CREAT, 0o644)
+        except PermissionError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
 
 
-def too_few_cores(stage_nodes: Sequence[str], allowed: Sequence[Sequence[int]], cpus_per_stage: float) -> ConfigError:
-    """The one line when ``dist.pin_cpus=on`` cannot give every stage cores of its own."""
-    width = slot_width(cpus_per_stage)
-    for node, cores in zip(stage_nodes, allowed, strict=True):
-        stages = sum(1 for n in stage_nodes if n == node)
-        if stages * width > len(cores):
-            break
+def too_few_cores(stage: int, node: str, width: int, allowed: int, free: int) -> ConfigError:
+    """The one line when ``dist.pin_cpus=on`` cannot give a stage cores of its own."""
     return ConfigError(
-        f"dist.pin_cpus=on: {stages} stages of {width} core(s) each are placed on node {node or 'local'}, "
-        f"where this run may use {len(cores)} core(s); lower dist.cpus_per_stage or segments, or set dist.pin_cpus=auto"
+        f"dist.pin_cpus=on: stage {stage} needs {width} core(s) of its own on node {node or 'local'}, which lets "
+        f"this run use {allowed} core(s), {free} of them free (other stages or runs hold the rest); "
+        "lower dist.cpus_per_stage or segments, or set dist.pin_cpus=auto"
     )
 
 

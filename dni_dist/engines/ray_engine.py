@@ -31,11 +31,13 @@ from dni_dist.core.tasks import Task
 from dni_dist.data import Dataset
 from dni_dist.data.device import TrainingSet
 from dni_dist.engines.affinity import (
+    CoreClaim,
     compute_niceness,
+    cpu_slots,
     pin_process,
-    plan_pins,
     set_thread_niceness,
     should_pin,
+    slot_width,
     too_few_cores,
 )
 from dni_dist.engines.placement import check_grpc_reach, stage_bundles, stage_cpus, stage_gpus
@@ -68,6 +70,8 @@ class StageWorker:
         self.device = torch.device("cuda:0") if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
         self.transport: Transport | None = None
         self.pinned: list[int] | None = None  # the cores of dist.pin_cpus, if pinned
+        self.allowed: list[int] = []  # the cores it may use unpinned
+        self.claim = CoreClaim()
         self.compute_nice: int | None = None  # and then the compute thread's niceness
         self.compute_nice_seen: int | None = None  # as read back by the last run_epoch's thread
         # The user's module: on this worker's path, else where the driver found it. A worker
@@ -235,16 +239,26 @@ class StageWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def allowed_cores(self) -> list[int]:
-        """The cores this process may run on (its node's, or its container's cpuset)."""
-        return sorted(os.sched_getaffinity(0))
-
-    def pin_cpus(self, cores: list[int]) -> list[int]:
-        """Keep every thread of this stage on ``cores`` (``dist.pin_cpus``), before the links
-        start their threads, which inherit it; ``run_epoch``'s thread will yield to them."""
+    def pin_cpus(self, slot: int, width: int) -> tuple[list[int] | None, int, int]:
+        """Claim ``width`` free cores (slot ``slot``'s first) and keep every thread of this
+        stage on them (``dist.pin_cpus``), before the links start their threads, which
+        inherit it; ``run_epoch``'s thread will yield to them. Returns (the cores, or None
+        when too few are free; the cores this process may use; how many of them are free)."""
+        allowed = sorted(os.sched_getaffinity(0))
+        cores = self.claim.claim(allowed, slot, width)
+        if cores is None:
+            return None, len(allowed), self.claim.free(allowed)
+        self.allowed = allowed
         self.pinned = pin_process(cores)
         self.compute_nice = compute_niceness(self.config.dist.compute_nice_offset)
-        return self.pinned
+        return self.pinned, len(allowed), 0
+
+    def unpin(self) -> None:
+        """Back to every core this process may use (another stage found too few free)."""
+        if self.pinned is not None:
+            pin_process(self.allowed)
+        self.claim.release()
+        self.pinned = self.compute_nice = None
 
     def drop_links(self) -> None:
         """Fault drill: stop this stage's gRPC server as if its host went away."""
@@ -272,6 +286,7 @@ class StageWorker:
             self.transport.close()
         if self.config.transport != "grpc":
             shutdown_groups()
+        self.claim.release()  # the kernel would drop the locks with the process anyway
 
 
 def _rss_bytes() -> int:
@@ -408,15 +423,16 @@ class RayRun:
         self.steps_per_epoch = len(self.dataset.x_train) // cfg.data.batch_size
 
     def _pin(self, stage_nodes: list[str], cpus: float) -> None:
-        """Each stage on cores of its own, or (``auto``) none when some node has too few."""
+        """Each stage on free cores of its own, claimed in stage order; all or none."""
         timeout = self.config.dist.timeout
-        allowed = ray.get([a.allowed_cores.remote() for a in self.actors], timeout=timeout)
-        pins = plan_pins(stage_nodes, allowed, cpus)
-        if pins is None:
-            if self.config.dist.pin_cpus == "on":
-                raise too_few_cores(stage_nodes, allowed, cpus)
-            return
-        ray.get([a.pin_cpus.remote(p) for a, p in zip(self.actors, pins, strict=True)], timeout=timeout)
+        width = slot_width(cpus)
+        for i, (actor, slot) in enumerate(zip(self.actors, cpu_slots(stage_nodes), strict=True)):
+            cores, allowed, free = ray.get(actor.pin_cpus.remote(slot, width), timeout=timeout)
+            if cores is None:
+                ray.get([a.unpin.remote() for a in self.actors[:i]], timeout=timeout)
+                if self.config.dist.pin_cpus == "on":
+                    raise too_few_cores(i, stage_nodes[i], width, allowed, free)
+                return
 
     def train_epoch(self, epoch: int) -> list[float]:
         return self.train_steps(epoch, 0, self.steps_per_epoch)
