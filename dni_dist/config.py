@@ -149,8 +149,11 @@ class DistConfig:
     # 15 any process at 0 (the driver, a data loader, a neighbour's job) takes its core first.
     niceness: int = 0
     # Pin each stage actor to cores of its own (engines/affinity.py): on, off, or auto = only
-    # when this run started its own Ray (no other job can be on the machine to collide with).
+    # on a Ray this process started (no other job's Ray work shares its cores). Cores are
+    # claimed by a lock file each in core_claims_dir ("" = the temp dir's dni-dist-cores),
+    # so runs that share that directory never pin to the same core.
     pin_cpus: str = "auto"
+    core_claims_dir: str = ""
     # A pinned stage's compute thread runs this much nicer than its link threads, so that a
     # link thread woken by a message runs at once instead of after the compute's time slice.
     compute_nice_offset: int = 5

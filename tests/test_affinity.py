@@ -71,11 +71,36 @@ def test_a_claim_dies_with_its_process(tmp_path) -> None:
         holder.kill()
 
 
+def test_a_claim_waits_for_a_core_its_holder_is_about_to_free(tmp_path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import time; from pathlib import Path; from dni_dist.engines.affinity import CoreClaim; "
+            f"c = CoreClaim(Path({str(tmp_path)!r})); print(c.claim([0], 0, 1), flush=True); time.sleep(1)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "[0]"
+        assert CoreClaim(tmp_path).claim([0], 0, 1) is None  # no patience: taken
+        assert CoreClaim(tmp_path).claim([0], 0, 1, patience=30) == [0]  # the holder exits within it
+    finally:
+        holder.kill()
+
+
+def test_an_unusable_claims_directory_means_no_claim_not_a_crash(tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert CoreClaim(blocker / "claims").claim([0, 1], 0, 1) is None
+
+
 def test_too_few_cores_is_one_line_naming_the_key_and_the_counts() -> None:
     error = too_few_cores(2, "node-a", 1, 2, 0)
     assert isinstance(error, ConfigError) and "\n" not in str(error)
     assert str(error).startswith("dist.pin_cpus=on: stage 2 needs 1 core(s) of its own on node node-a")
-    assert "use 2 core(s), 0 of them free" in str(error)
+    assert "use 2 core(s), 0 of them free to claim" in str(error)
 
 
 def test_auto_pins_only_on_a_ray_this_process_started() -> None:

@@ -188,22 +188,24 @@ def test_nccl_without_a_gpu_per_stage_is_a_one_line_config_error() -> None:
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to give each stage its own")
 def test_pin_cpus_on_gives_each_stage_a_core_of_its_own_or_stops_in_one_line(tmp_path) -> None:
     from dni_dist.builder import load_data
+    from dni_dist.engines.affinity import CoreClaim
     from dni_dist.errors import ConfigError
 
     cores = sorted(os.sched_getaffinity(0))
-    summary = train(config(*RAY, "segments=2", "epochs=1", "dist.pin_cpus=on", f"out={tmp_path}"))
+    pin = ("dist.pin_cpus=on", f"dist.core_claims_dir={tmp_path / 'claims'}")
+    summary = train(config(*RAY, *pin, "segments=2", "epochs=1", f"out={tmp_path}"))
     assert [s["cpu_affinity"] for s in summary["stages"]] == [cores[:1], cores[1:2]]
     # ... and each compute thread runs nicer than its link threads (dist.compute_nice_offset=5)
     assert [s["compute_niceness"] for s in summary["stages"]] == [5, 5]
     assert summary["test_accuracy"] > 0.5
-    if (len(cores) + 1) * 0.5 > 2:
-        return  # more stages than this module's Ray (2 CPUs) could place: the pin check is not reached
-    cfg = config(*RAY, f"segments={len(cores) + 1}", "dist.pin_cpus=on")
-    with pytest.raises(
-        ConfigError, match=rf"dist.pin_cpus=on: stage {len(cores)} needs 1 core\(s\) of its own"
-    ) as caught:
+    # Another run holds every core but the first: stage 0 takes that one, stage 1 finds none.
+    other = CoreClaim(tmp_path / "claims")
+    assert other.claim(cores[1:], 0, len(cores) - 1) == cores[1:]
+    cfg = config(*RAY, *pin, "segments=2")
+    with pytest.raises(ConfigError, match=r"dist.pin_cpus=on: stage 1 needs 1 core\(s\) of its own") as caught:
         RayRun(cfg, load_data(cfg))
-    assert "\n" not in str(caught.value)
+    assert "\n" not in str(caught.value) and f"use {len(cores)} core(s), 0 of them free" in str(caught.value)
+    other.release()
     assert wait_for(lambda: ray.available_resources().get("CPU") == 2, seconds=20)
 
 

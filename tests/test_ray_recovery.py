@@ -196,8 +196,13 @@ def test_stages_write_their_own_shards_and_a_killed_stage_is_restored_from_objec
     monkeypatch.setattr("dni_dist.operations.checkpoint.write_shard", no_driver_save)
     monkeypatch.setattr(RayRun, "load_shards", no_disk_restore)
     ck = tmp_path / "ck"
+    # Pinned where the machine has a core per stage: the restarted stages claim the cores
+    # of the ones they replace, which may still be exiting.
+    cores = sorted(os.sched_getaffinity(0))
+    pin = ["dist.pin_cpus=on", f"dist.core_claims_dir={tmp_path / 'claims'}"] if len(cores) >= 2 else []
     cfg = config(
         *RAY,
+        *pin,
         "segments=2",
         "epochs=2",
         "dist.slow_stage=1",
@@ -208,6 +213,8 @@ def test_stages_write_their_own_shards_and_a_killed_stage_is_restored_from_objec
     )
     summary = _kill_stage_1_after_an_epoch(cfg, tmp_path)
     assert summary["restarts"] == 1 and restored_from == ["refs"]
+    if pin:
+        assert [stage["cpu_affinity"] for stage in summary["stages"]] == [cores[:1], cores[1:2]]
     assert summary["steps"] == 2 * STEPS
     assert all(stage["steps"] == 2 * STEPS for stage in summary["stages"])  # counters came from the refs
     assert held and all(count == 0 and refs for count, refs in held), held

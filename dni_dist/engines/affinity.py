@@ -9,10 +9,14 @@ much as in one process once pinned (benchmarks/RESULTS.md, "Pinned stages").
 Which cores: the stages on one node take slots in stage order, ``ceil(cpus_per_stage)``
 cores each, from the cores the actor may use (``os.sched_getaffinity``: a container's
 cpuset, say). A stage claims its cores with an exclusive ``flock`` on one file per core
-(``CLAIMS_DIR``), held for the actor's life and dropped by the kernel however the process
-ends, so two runs on one machine never pin to the same core: a core another run holds is
-passed over for the next free one. Pinning is all or nothing: when some stage finds too
-few free cores, ``auto`` pins none, ``on`` stops with one line.
+(``CLAIMS_DIR``, or ``dist.core_claims_dir``), held for the actor's life and dropped by the
+kernel when the process ends, however it ends (unless it forked a child that still holds
+the file open), so two runs on one machine never pin to the same core: a core another run
+holds is passed over for the next free one. Runs that do not see the same directory (two
+containers, each with its own /tmp) do not see each other's claims. Pinning is all or
+nothing: when some stage finds too few free cores, ``auto`` pins none (and says so in one
+line), ``on`` stops with one line. A restarted stage waits a few seconds for the cores of
+the stage it replaces, whose process may not have ended yet.
 
 ``auto`` pins only on a Ray this process started (the CLI's embedded Ray, a benchmark's):
 on a shared cluster, processes that are not ours float over every core, our pinned stage
@@ -28,6 +32,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,11 +81,23 @@ class CoreClaim:
         self.cores: list[int] = []
         self._fds: list[int] = []
 
-    def claim(self, allowed: Sequence[int], slot: int, width: int) -> list[int] | None:
-        """``width`` free cores of ``allowed``, held from now on; None (holding none) if fewer are free."""
+    def claim(self, allowed: Sequence[int], slot: int, width: int, patience: float = 0.0) -> list[int] | None:
+        """``width`` free cores of ``allowed``, held from now on; None (holding none) if fewer
+        are free, after trying again for up to ``patience`` seconds."""
+        deadline = time.monotonic() + patience
+        while True:
+            cores = self._claim_once(allowed, slot, width)
+            if cores is not None or time.monotonic() >= deadline:
+                return cores
+            time.sleep(0.1)
+
+    def _claim_once(self, allowed: Sequence[int], slot: int, width: int) -> list[int] | None:
         self.release()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(PermissionError):  # another user's directory: theirs to open up
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError:  # an unwritable temp directory: no claims, so no pinning
+            return None
+        with contextlib.suppress(OSError):  # another user's directory: theirs to open up
             os.chmod(self.directory, 0o1777)  # like /tmp: every user's runs share the claims
         for core in candidate_cores(allowed, slot, width):
             if len(self.cores) == width:
@@ -112,14 +129,17 @@ class CoreClaim:
         self._fds, self.cores = [], []
 
     def _lock(self, core: int) -> int | None:
-        """An fd holding ``core``'s lock, or None if another holds it (or its file is not ours to open)."""
+        """An fd holding ``core``'s lock, or None if another holds it, or its file cannot be
+        opened or locked (another user's, a read-only or lock-less file system)."""
         try:
             fd = os.open(self.directory / f"core-{core}", os.O_RDONLY | os.O_CREAT, 0o644)
-        except PermissionError:
+        except OSError:
             return None
+        with contextlib.suppress(OSError):  # ours: readable by every user's runs whatever the umask
+            os.fchmod(fd, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:  # held by another (BlockingIOError), or no locks here
             os.close(fd)
             return None
         return fd
@@ -129,7 +149,8 @@ def too_few_cores(stage: int, node: str, width: int, allowed: int, free: int) ->
     """The one line when ``dist.pin_cpus=on`` cannot give a stage cores of its own."""
     return ConfigError(
         f"dist.pin_cpus=on: stage {stage} needs {width} core(s) of its own on node {node or 'local'}, which lets "
-        f"this run use {allowed} core(s), {free} of them free (other stages or runs hold the rest); "
+        f"this run use {allowed} core(s), {free} of them free to claim (other stages or runs hold the rest, "
+        "or their lock files cannot be opened); "
         "lower dist.cpus_per_stage or segments, or set dist.pin_cpus=auto"
     )
 
@@ -154,11 +175,13 @@ def set_thread_niceness(niceness: int) -> None:
 
 def pin_process(cores: Sequence[int]) -> list[int]:
     """Pin every thread of this process to ``cores`` (threads started later inherit it from
-    the thread that starts them); returns the cores now in effect."""
+    the thread that starts them); returns the cores now in effect. Until no new thread
+    shows up: one started meanwhile by a thread not yet pinned would keep every core."""
     wanted = set(cores)
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), wanted)
-        except ProcessLookupError:  # the thread ended in between
-            continue
+    done: set[str] = set()
+    while tids := set(os.listdir("/proc/self/task")) - done:
+        for tid in tids:
+            with contextlib.suppress(ProcessLookupError):  # the thread ended in between
+                os.sched_setaffinity(int(tid), wanted)
+        done |= tids
     return sorted(os.sched_getaffinity(0))

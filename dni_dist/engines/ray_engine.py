@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -31,6 +32,7 @@ from dni_dist.core.tasks import Task
 from dni_dist.data import Dataset
 from dni_dist.data.device import TrainingSet
 from dni_dist.engines.affinity import (
+    CLAIMS_DIR,
     CoreClaim,
     compute_niceness,
     cpu_slots,
@@ -71,7 +73,7 @@ class StageWorker:
         self.transport: Transport | None = None
         self.pinned: list[int] | None = None  # the cores of dist.pin_cpus, if pinned
         self.allowed: list[int] = []  # the cores it may use unpinned
-        self.claim = CoreClaim()
+        self.claim = CoreClaim(Path(config.dist.core_claims_dir) if config.dist.core_claims_dir else CLAIMS_DIR)
         self.compute_nice: int | None = None  # and then the compute thread's niceness
         self.compute_nice_seen: int | None = None  # as read back by the last run_epoch's thread
         # The user's module: on this worker's path, else where the driver found it. A worker
@@ -178,7 +180,10 @@ class StageWorker:
             # Only this chunk's batches: skipped ones would be gathered (and copied) for nothing.
             size, seed = self.config.data.batch_size, self.config.seed
             inputs = self.train_set.batches(size, seed, epoch, offset, offset + steps)
-        if self.compute_nice is not None:  # pinned: a woken link thread goes first (affinity.py)
+        # Pinned: a woken link thread goes first (affinity.py). Whichever of the actor's two
+        # executor threads runs this keeps the niceness (it cannot be lowered again without a
+        # privilege); both only ever serve this stage's calls.
+        if self.compute_nice is not None:
             set_thread_niceness(self.compute_nice)
             self.compute_nice_seen = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's (Linux)
         report = self.loop.run_epoch(first_step, steps, inputs)
@@ -239,13 +244,14 @@ class StageWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def pin_cpus(self, slot: int, width: int) -> tuple[list[int] | None, int, int]:
-        """Claim ``width`` free cores (slot ``slot``'s first) and keep every thread of this
-        stage on them (``dist.pin_cpus``), before the links start their threads, which
-        inherit it; ``run_epoch``'s thread will yield to them. Returns (the cores, or None
-        when too few are free; the cores this process may use; how many of them are free)."""
+    def pin_cpus(self, slot: int, width: int, patience: float) -> tuple[list[int] | None, int, int]:
+        """Claim ``width`` free cores (slot ``slot``'s first; waiting up to ``patience``
+        seconds for them) and keep every thread of this stage on them (``dist.pin_cpus``),
+        before the links start their threads, which inherit it; ``run_epoch``'s thread will
+        yield to them. Returns (the cores, or None when too few are free; the cores this
+        process may use; how many of them are free)."""
         allowed = sorted(os.sched_getaffinity(0))
-        cores = self.claim.claim(allowed, slot, width)
+        cores = self.claim.claim(allowed, slot, width, patience)
         if cores is None:
             return None, len(allowed), self.claim.free(allowed)
         self.allowed = allowed
@@ -289,6 +295,9 @@ class StageWorker:
         self.claim.release()  # the kernel would drop the locks with the process anyway
 
 
+RESTART_PIN_PATIENCE = 10.0  # seconds a restarted stage waits for the cores of the one it replaces
+
+
 def _rss_bytes() -> int:
     """Resident set size of this process now (Linux /proc), else its peak."""
     try:
@@ -304,20 +313,20 @@ def _bundle_nodes(pg: Any, count: int) -> list[str]:
     return [str(table.get(i, table.get(str(i), ""))) for i in range(count)]
 
 
-_started_here: str | None = None  # the GCS address of the last Ray this process started
+_started_here: str | None = None  # the session name (unique per Ray) of the last one this process started
 
 
 def start_local_ray(num_cpus: int, log_to_driver: bool = False) -> None:
-    """Start a Ray of this process's own (no other job can reach it), remembered so that
-    ``dist.pin_cpus=auto`` knows the machine's cores are this run's to hand out."""
+    """Start a Ray of this process's own, remembered so that ``dist.pin_cpus=auto`` knows
+    that no other job submits work to it (one could still connect on purpose)."""
     global _started_here
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
-    _started_here = ray.get_runtime_context().gcs_address
+    _started_here = ray.get_runtime_context().get_session_name()
 
 
 def owns_ray() -> bool:
     """Is the Ray this process is connected to one that it started (``start_local_ray``)?"""
-    return ray.is_initialized() and _started_here == ray.get_runtime_context().gcs_address
+    return ray.is_initialized() and _started_here == ray.get_runtime_context().get_session_name()
 
 
 def connect_ray(config: TrainConfig) -> bool:
@@ -423,15 +432,24 @@ class RayRun:
         self.steps_per_epoch = len(self.dataset.x_train) // cfg.data.batch_size
 
     def _pin(self, stage_nodes: list[str], cpus: float) -> None:
-        """Each stage on free cores of its own, claimed in stage order; all or none."""
+        """Each stage on free cores of its own, claimed in stage order; all or none. After a
+        restart, the replaced actors may still be exiting (``ray.kill`` does not wait), so a
+        stage waits a little for their cores."""
         timeout = self.config.dist.timeout
         width = slot_width(cpus)
+        patience = min(RESTART_PIN_PATIENCE, timeout) if self.generation else 0.0
         for i, (actor, slot) in enumerate(zip(self.actors, cpu_slots(stage_nodes), strict=True)):
-            cores, allowed, free = ray.get(actor.pin_cpus.remote(slot, width), timeout=timeout)
+            cores, allowed, free = ray.get(actor.pin_cpus.remote(slot, width, patience), timeout=timeout + patience)
             if cores is None:
                 ray.get([a.unpin.remote() for a in self.actors[:i]], timeout=timeout)
                 if self.config.dist.pin_cpus == "on":
                     raise too_few_cores(i, stage_nodes[i], width, allowed, free)
+                print(
+                    f"dni-dist: dist.pin_cpus=auto: stage {i} found {free} of {allowed} cores free to claim "
+                    "(another run holds them?); the stages run unpinned",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return
 
     def train_epoch(self, epoch: int) -> list[float]:
