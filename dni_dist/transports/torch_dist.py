@@ -6,15 +6,19 @@ Design: one communicator per directed link, one thread per communicator end
 Every stream of the run (``engines/wiring.py``: activations k -> k+1, gradients k+1 -> k,
 or errors top -> k for the direct-error methods DFA and Kickback) is a *link* and gets its
 own two-rank process group (for NCCL, its own communicator and NCCL stream). On each end
-exactly one thread drives it: the link's send thread on the sender, the link's receive
-thread on the receiver (base.py starts one per stream). Each message is one buffer packing
-header (kind, step), payload and, going up, labels (``Layout``): one ``isend``, one
-``irecv``, instead of three of each. Shapes are fixed per stream, so the receiver posts the
-matching receive before it knows what comes.
+exactly one thread drives it: on the receiver the link's receive thread (base.py starts one
+per stream); on the sender the link's send thread on a GPU, and on the CPU the stage's own
+thread, which posts each send with ``isend`` and goes on without waiting (``_post``: gloo's
+thread sends it; at most ``capacity`` sends outstanding per link, their buffers reused).
+Each message is one buffer packing header (kind, step), payload and, going up, labels
+(``Layout``): one ``isend``, one ``irecv``, instead of three of each. Shapes are fixed per
+stream, so the receiver posts the matching receive before it knows what comes.
 
-Posting sends from the stage's own thread instead (no send thread, no queue hand-off) was
-tried and measured (``dni-dist bench overhead``, digits K=2, back to back on this 2-core
-machine): 10.3 ms/step against 6.2-6.6 ms/step with send threads, so the threads stay.
+Sends from the stage's thread were first tried *waiting* for each send: 10.3 ms/step against
+6.2-6.6 ms/step with send threads (``dni-dist bench overhead``, digits K=2). Posted without
+waiting, they cost the stage a copy and a call instead of a queue hand-off and a thread
+wake-up: Ray/local 1.17-1.21x against 1.15-1.16x with send threads (pinned stages; RESULTS.md).
+On a GPU the send thread stays: it orders the send after the compute with CUDA events.
 
 Why this cannot deadlock:
 - Matching is by construction. NCCL matches point-to-point ops in call order only; on a
@@ -52,18 +56,22 @@ by construction, and the same code runs over gloo, so CPU tests exercise it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
 import socket
+import time
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dni_dist.core.messages import Message
+from dni_dist.core.messages import Message, message_bytes
 from dni_dist.transports.base import CODE_KINDS, KIND_CODES, Stream, Transport
+from dni_dist.transports.errors import TransportError, TransportTimeout
 from dni_dist.transports.validate import WireViolation
 
 Link = tuple[int, int]  # (src, dst) of one directed stream
@@ -145,6 +153,83 @@ class TorchDistTransport(Transport):
         self._link_streams: dict[Link, Any] = (
             {link: torch.cuda.Stream(compute_device) for link in groups} if self.cuda else {}
         )
+        # On the CPU the stage's thread posts its sends itself (see _post): no send thread.
+        self.inline_sends = not self.cuda
+        self._sending = {s.dst: _SendLink(s, groups[(s.src, s.dst)]) for s in outbound} if self.inline_sends else {}
+
+    # ------------------------------------------------ inline sends (CPU only)
+    def start(self) -> None:
+        if not self.inline_sends:
+            super().start()
+            return
+        for src, stream in self.inbound.items():
+            self._spawn(self._receive_loop, stream, self._armed[src], name=f"recv {stream.name}")
+
+    def send(self, msg: Message) -> None:
+        if not self.inline_sends:
+            super().send(msg)
+            return
+        link = self._sending.get(msg.dst)
+        if link is None:
+            raise TransportError(f"rank {self.rank} has no stream to stage {msg.dst} for a {msg.kind.value}")
+        self._check()
+        self._sent_steps.record(msg)  # before it leaves: a reply can only follow this
+        self._post(link, msg)
+
+    def _post(self, link: _SendLink, msg: Message) -> None:
+        """Pack ``msg`` into a free buffer of its link and post it with ``isend``, without
+        waiting: gloo's own thread sends it. At most ``capacity`` sends are outstanding per
+        link; one more waits for the oldest (a slow receiver pushes back, memory stays
+        bounded). A finished send's buffer is used again, so a message costs a copy and a
+        call, not an allocation, three views and two thread hand-offs."""
+        self._reap(link, wait_for_one=len(link.pending) >= self.capacity)
+        slot = link.free.pop() if link.free else _Slot.of(link.layout)
+        slot.header[0], slot.header[1] = KIND_CODES[msg.kind], msg.step
+        slot.payload.copy_(msg.tensor.detach())
+        if slot.labels is not None:
+            assert msg.labels is not None
+            slot.labels.copy_(msg.labels)
+        work = dist.isend(slot.buffer, link.stream.dst, group=link.group)
+        link.pending.append((work, slot, message_bytes(msg)))
+
+    def _reap(self, link: _SendLink, wait_for_one: bool = False, deadline: float | None = None) -> None:
+        """Take back the buffers of finished sends (waiting for the oldest if asked, or for
+        all of them until ``deadline``)."""
+        while link.pending:
+            work, slot, nbytes = link.pending[0]
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransportTimeout(f"rank {self.rank}: stream to {link.stream.dst} did not drain in time")
+                self._wait(link, work, datetime.timedelta(seconds=left))
+            elif wait_for_one:
+                self._wait(link, work, None)
+                wait_for_one = False
+            elif not work.is_completed():
+                return
+            else:
+                self._wait(link, work, None)  # finished: raises if it failed
+            link.pending.popleft()
+            link.free.append(slot)
+            self.stats.add(True, nbytes)
+
+    def _wait(self, link: _SendLink, work: Any, timeout: datetime.timedelta | None) -> None:
+        try:
+            work.wait() if timeout is None else work.wait(timeout)
+        except RuntimeError as exc:
+            raise TransportError(f"rank {self.rank}: send to stage {link.stream.dst} failed: {exc}") from exc
+
+    def flush(self, timeout: float) -> None:
+        if not self.inline_sends:
+            super().flush(timeout)
+            return
+        deadline = time.monotonic() + timeout
+        for link in self._sending.values():
+            self._reap(link, deadline=deadline)
+
+    @property
+    def queued(self) -> int:
+        return super().queued + sum(len(link.pending) for link in self._sending.values())
 
     # ------------------------------------------------ the stage thread's side
     def _stamp_outgoing(self, msg: Message) -> Message:
@@ -262,6 +347,39 @@ class Layout:
 
 
 HEADER_BYTES = 16  # (kind, step) as two int64
+
+
+@dataclass
+class _Slot:
+    """One reusable send buffer of a link and its views. The header is written through a
+    ctypes view of the buffer's first 16 bytes: two stores, no torch call per message."""
+
+    buffer: torch.Tensor
+    header: Any  # ctypes c_int64 * 2 over buffer[:16]; valid while ``buffer`` lives (it is held here)
+    payload: torch.Tensor
+    labels: torch.Tensor | None
+
+    @classmethod
+    def of(cls, layout: Layout) -> _Slot:
+        buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
+        header = (ctypes.c_int64 * 2).from_address(buffer.data_ptr())
+        labels = layout.labels(buffer) if layout.labels_at < layout.nbytes else None
+        return cls(buffer, header, layout.payload(buffer), labels)
+
+
+@dataclass
+class _SendLink:
+    """A link this rank sends on, driven by the stage's thread: its sends still in flight
+    (work, buffer, bytes), oldest first, and the buffers free to use again."""
+
+    stream: Stream
+    group: Any
+    layout: Layout = field(init=False)
+    pending: deque[tuple[Any, _Slot, int]] = field(default_factory=deque)
+    free: list[_Slot] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.layout = Layout.of(self.stream)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
