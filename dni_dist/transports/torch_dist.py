@@ -156,14 +156,73 @@ class TorchDistTransport(Transport):
         # On the CPU the stage's thread posts its sends itself (see _post): no send thread.
         self.inline_sends = not self.cuda
         self._sending = {s.dst: _SendLink(s, groups[(s.src, s.dst)]) for s in outbound} if self.inline_sends else {}
+        # ... and, with one stream to listen to, its receives too (see _take); with several
+        # (a middle stage), a receive thread per stream waits on each, as on a GPU.
+        self.inline_receives = not self.cuda and len(inbound) == 1
+        self._receiving = (
+            {s.src: _ReceiveLink(s, groups[(s.src, s.dst)]) for s in inbound} if self.inline_receives else {}
+        )
 
     # ------------------------------------------------ inline sends (CPU only)
     def start(self) -> None:
         if not self.inline_sends:
             super().start()
             return
-        for src, stream in self.inbound.items():
-            self._spawn(self._receive_loop, stream, self._armed[src], name=f"recv {stream.name}")
+        if not self.inline_receives:
+            for src, stream in self.inbound.items():
+                self._spawn(self._receive_loop, stream, self._armed[src], name=f"recv {stream.name}")
+
+    # ---------------------------------------------- inline receives (CPU, one stream)
+    def expect(self, src: int, count: int) -> None:
+        if not self.inline_receives:
+            super().expect(src, count)
+            return
+        link = self._receiving[src]
+        link.armed += count
+        self._post_receives(link)
+
+    def _post_receives(self, link: _ReceiveLink) -> None:
+        """Keep up to ``capacity`` receives posted for messages that will come (never one
+        nobody will answer: only as many as were expected), so the sender's sends finish
+        while this stage computes."""
+        while link.armed and len(link.posted) < self.capacity:
+            buffer = torch.empty(link.layout.nbytes, dtype=torch.uint8)
+            link.posted.append((dist.irecv(buffer, link.stream.src, group=link.group), buffer))
+            link.armed -= 1
+
+    def try_recv(self) -> Message | None:
+        if not self.inline_receives:
+            return super().try_recv()
+        (link,) = self._receiving.values()
+        if link.posted and link.posted[0][0].is_completed():
+            return self._take(link, None)
+        return None
+
+    def recv(self, timeout: float) -> Message:
+        if not self.inline_receives:
+            return super().recv(timeout)
+        (link,) = self._receiving.values()
+        if not link.posted:
+            time.sleep(timeout)  # nothing expected: nothing can come
+            raise TransportTimeout(f"rank {self.rank}: nothing arrived for {timeout:.0f} s")
+        return self._take(link, timeout)
+
+    def _take(self, link: _ReceiveLink, timeout: float | None) -> Message:
+        """The oldest posted receive's message (waiting up to ``timeout`` seconds for it),
+        checked against its stream; then the next receive is posted."""
+        work, buffer = link.posted[0]
+        try:
+            work.wait() if timeout is None else work.wait(datetime.timedelta(seconds=timeout))
+        except RuntimeError as exc:
+            if "imed out" in str(exc):
+                raise TransportTimeout(f"rank {self.rank}: nothing arrived for {timeout:.0f} s") from None
+            raise TransportError(f"rank {self.rank}: receive from stage {link.stream.src} failed: {exc}") from exc
+        link.posted.popleft()
+        msg = _unpack(link.stream, link.layout, buffer, None)
+        self._admit(link.stream, msg)
+        self.stats.add(False, message_bytes(msg))
+        self._post_receives(link)
+        return msg
 
     def send(self, msg: Message) -> None:
         if not self.inline_sends:
@@ -229,7 +288,8 @@ class TorchDistTransport(Transport):
 
     @property
     def queued(self) -> int:
-        return super().queued + sum(len(link.pending) for link in self._sending.values())
+        sending = sum(len(link.pending) for link in self._sending.values())
+        return super().queued + sending + sum(len(link.posted) for link in self._receiving.values())
 
     # ------------------------------------------------ the stage thread's side
     def _stamp_outgoing(self, msg: Message) -> Message:
@@ -294,16 +354,11 @@ class TorchDistTransport(Transport):
             buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.wire_device)
             # CPU: until received; CUDA: the link stream waits, the host does not.
             dist.irecv(buffer, stream.src, group=self.groups[layout.link]).wait()
-            code, step = (int(v) for v in layout.header(buffer).tolist())  # CUDA: waits for this link only
-            payload = layout.payload(buffer).to(self.compute_device, non_blocking=True)
-            labels = layout.labels(buffer).to(self.compute_device, non_blocking=True) if stream.up else None
-            ready = None
+            msg = _unpack(stream, layout, buffer, self.compute_device)
             if link_stream is not None:
-                ready = torch.cuda.Event()
-                ready.record(link_stream)
-        if code not in CODE_KINDS:  # the rest is checked in the receive loop (validate.py)
-            raise WireViolation(f"stream {stream.name}: step {step}: header kind code {code} is not a message kind")
-        return StampedMessage(CODE_KINDS[code], step, stream.src, stream.dst, payload, labels, ready)
+                msg.ready = torch.cuda.Event()
+                msg.ready.record(link_stream)
+        return msg
 
 
 @dataclass(frozen=True)
@@ -347,6 +402,35 @@ class Layout:
 
 
 HEADER_BYTES = 16  # (kind, step) as two int64
+
+
+def _unpack(stream: Stream, layout: Layout, buffer: torch.Tensor, device: torch.device | None) -> StampedMessage:
+    """The message in a received ``buffer``; its tensors are views of it, moved to
+    ``device`` (None: left where they are). CUDA: reading the header waits for this link only."""
+    code, step = (int(v) for v in layout.header(buffer).tolist())
+    if code not in CODE_KINDS:  # the rest is checked in the receive loop (validate.py)
+        raise WireViolation(f"stream {stream.name}: step {step}: header kind code {code} is not a message kind")
+    payload = layout.payload(buffer)
+    labels = layout.labels(buffer) if stream.up else None
+    if device is not None:
+        payload = payload.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True) if labels is not None else None
+    return StampedMessage(CODE_KINDS[code], step, stream.src, stream.dst, payload, labels)
+
+
+@dataclass
+class _ReceiveLink:
+    """The one link a stage listens to, driven by the stage's thread: receives posted for
+    expected messages (work, buffer), oldest first, and how many more are expected."""
+
+    stream: Stream
+    group: Any
+    layout: Layout = field(init=False)
+    posted: deque[tuple[Any, torch.Tensor]] = field(default_factory=deque)
+    armed: int = 0
+
+    def __post_init__(self) -> None:
+        self.layout = Layout.of(self.stream)
 
 
 @dataclass
