@@ -193,7 +193,7 @@ def test_pin_cpus_on_gives_each_stage_a_core_of_its_own_or_stops_in_one_line(tmp
 
     cores = sorted(os.sched_getaffinity(0))
     pin = ("dist.pin_cpus=on", f"dist.core_claims_dir={tmp_path / 'claims'}")
-    summary = train(config(*RAY, *pin, "segments=2", "epochs=1", f"out={tmp_path}"))
+    summary = train(config(*RAY, *pin, "dist.compute_nice_offset=5", "segments=2", "epochs=1", f"out={tmp_path}"))
     assert [s["cpu_affinity"] for s in summary["stages"]] == [cores[:1], cores[1:2]]
     # ... and each compute thread runs nicer than its link threads (dist.compute_nice_offset=5)
     assert [s["compute_niceness"] for s in summary["stages"]] == [5, 5]

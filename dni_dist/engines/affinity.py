@@ -164,7 +164,9 @@ def compute_niceness(offset: int) -> int:
     pipeline's round trip grows by that, and stage 0 idles at its in-flight limit. A nicer
     compute thread lets the kernel run a woken link thread at once; only the stage's own
     threads run on its cores, so the compute thread gives way to nothing else. (Making the
-    link threads less nice instead needs CAP_SYS_NICE, which containers rarely have.)"""
+    link threads less nice instead needs CAP_SYS_NICE, which containers rarely have.) On
+    the CPU a stage with one inbound stream has no link threads of ours any more (its own
+    thread posts its sends and receives), so the default offset is 0 (RESULTS.md)."""
     return min(19, os.getpriority(os.PRIO_PROCESS, 0) + offset)
 
 

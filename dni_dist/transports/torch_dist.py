@@ -6,19 +6,22 @@ Design: one communicator per directed link, one thread per communicator end
 Every stream of the run (``engines/wiring.py``: activations k -> k+1, gradients k+1 -> k,
 or errors top -> k for the direct-error methods DFA and Kickback) is a *link* and gets its
 own two-rank process group (for NCCL, its own communicator and NCCL stream). On each end
-exactly one thread drives it: on the receiver the link's receive thread (base.py starts one
-per stream); on the sender the link's send thread on a GPU, and on the CPU the stage's own
-thread, which posts each send with ``isend`` and goes on without waiting (``_post``: gloo's
-thread sends it; at most ``capacity`` sends outstanding per link, their buffers reused).
-Each message is one buffer packing header (kind, step), payload and, going up, labels
-(``Layout``): one ``isend``, one ``irecv``, instead of three of each. Shapes are fixed per
-stream, so the receiver posts the matching receive before it knows what comes.
+exactly one thread drives it. On a GPU: the link's send thread on the sender, the link's
+receive thread on the receiver (base.py starts one per stream). On the CPU the stage's own
+thread sends: it posts each send with ``isend`` and goes on without waiting (``_post``:
+gloo's thread sends it; at most ``capacity`` sends outstanding per link, their buffers
+reused); and a stage with one inbound stream receives on its own thread too, receives posted
+ahead for the messages it expects (``_take``); a middle stage, with two, keeps a receive
+thread per stream. Each message is one buffer packing header (kind, step), payload and,
+going up, labels (``Layout``): one ``isend``, one ``irecv``, instead of three of each. Shapes
+are fixed per stream, so the receiver posts the matching receive before it knows what comes.
 
 Sends from the stage's thread were first tried *waiting* for each send: 10.3 ms/step against
 6.2-6.6 ms/step with send threads (``dni-dist bench overhead``, digits K=2). Posted without
-waiting, they cost the stage a copy and a call instead of a queue hand-off and a thread
-wake-up: Ray/local 1.17-1.21x against 1.15-1.16x with send threads (pinned stages; RESULTS.md).
-On a GPU the send thread stays: it orders the send after the compute with CUDA events.
+waiting, a message costs the stage a copy and a call instead of a queue hand-off and a thread
+wake-up on its own core: Ray/local 1.25x against 1.15x with send threads, 1.27-1.31x with the
+receives on the stage's thread too (benchmarks/RESULTS.md, "Issue 14, third round"). On a GPU
+the link threads stay: they order the transfers after the compute with CUDA events.
 
 Why this cannot deadlock:
 - Matching is by construction. NCCL matches point-to-point ops in call order only; on a
