@@ -166,7 +166,7 @@ class TorchDistTransport(Transport):
             {s.src: _ReceiveLink(s, groups[(s.src, s.dst)]) for s in inbound} if self.inline_receives else {}
         )
 
-    # ------------------------------------------------ inline sends (CPU only)
+    # ------------------------------ the CPU's links, driven by the stage's thread
     def start(self) -> None:
         if not self.inline_sends:
             super().start()
@@ -175,7 +175,6 @@ class TorchDistTransport(Transport):
             for src, stream in self.inbound.items():
                 self._spawn(self._receive_loop, stream, self._armed[src], name=f"recv {stream.name}")
 
-    # ---------------------------------------------- inline receives (CPU, one stream)
     def expect(self, src: int, count: int) -> None:
         if not self.inline_receives:
             super().expect(src, count)
