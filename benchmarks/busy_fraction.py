@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--out", default="runs/bench-busy")
     args = parser.parse_args()
-    ray.init(num_cpus=args.segments, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.segments, include_dashboard=False, log_to_driver=False)
     try:
         results = [measure(m, args) for m in ("sg", "backprop")]
     finally:

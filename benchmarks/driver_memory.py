@@ -31,7 +31,7 @@ def _status_mib(field: str) -> float:
 
 def main(label: str, width: int) -> None:
     torch.set_num_threads(1)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     out = Path(f"runs/driver-memory-{label}")
     shutil.rmtree(out, ignore_errors=True)
     overrides = [

@@ -268,7 +268,7 @@ def run_sections(size: Size, device: torch.device) -> dict[str, Any]:
         "bf16": lambda: bf16_speed(size, device),
     }
     gpus = 1 if device.type == "cuda" else 0
-    ray.init(num_cpus=size.segments, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=size.segments, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     results: dict[str, Any] = {}
     try:
         for name, section in sections.items():

@@ -63,7 +63,8 @@ def start_local_ray(cpus: int = 2) -> None:
 
     for attempt in range(2):
         try:
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            # "local": never join a cluster some `ray start` left on the machine
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
             return
         except Exception:
             ray.shutdown()

@@ -17,7 +17,7 @@ def test_ray_engine_runs_segments_on_the_gpu(tmp_path) -> None:
 
     from dni_dist.runner import train
 
-    ray.init(num_cpus=2, num_gpus=torch.cuda.device_count(), include_dashboard=False)
+    ray.init(address="local", num_cpus=2, num_gpus=torch.cuda.device_count(), include_dashboard=False)
     try:
         transport = "nccl" if torch.cuda.device_count() >= 2 else "gloo"  # one GPU: shared, gloo on host copies
         summary = train(config("runtime=ray", f"transport={transport}", "segments=2", "epochs=3", f"out={tmp_path}"))

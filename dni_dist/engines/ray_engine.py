@@ -320,7 +320,9 @@ def start_local_ray(num_cpus: int, log_to_driver: bool = False) -> None:
     """Start a Ray of this process's own, remembered so that ``dist.pin_cpus=auto`` knows
     that no other job submits work to it (one could still connect on purpose)."""
     global _started_here
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+    # "local": a new Ray even when `ray start` left one running on this machine (ray.init()
+    # without an address would join that one, and then refuse num_cpus).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
     _started_here = ray.get_runtime_context().get_session_name()
 
 
