@@ -49,20 +49,26 @@ def test_claims_never_share_a_core_and_a_release_frees_it(tmp_path) -> None:
     assert CoreClaim(tmp_path).claim([2, 3], 0, 2) == [2, 3]
 
 
-def test_a_claim_dies_with_its_process(tmp_path) -> None:
+def _holder(directory, then: str) -> subprocess.Popen[str]:
+    """Another process that claims core 0 in ``directory``, says so, then runs ``then``."""
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            f"from pathlib import Path; from dni_dist.engines.affinity import CoreClaim; "
-            f"c = CoreClaim(Path({str(tmp_path)!r})); print(c.claim([0], 0, 1), flush=True); input()",
+            "import time; from pathlib import Path; from dni_dist.engines.affinity import CoreClaim; "
+            f"c = CoreClaim(Path({str(directory)!r})); print(c.claim([0], 0, 1), flush=True); {then}",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "[0]"
+    return holder
+
+
+def test_a_claim_dies_with_its_process(tmp_path) -> None:
+    holder = _holder(tmp_path, "input()")
     try:
-        assert holder.stdout.readline().strip() == "[0]"
         assert CoreClaim(tmp_path).claim([0], 0, 1) is None
         holder.kill()  # no release, no clean exit
         holder.wait(timeout=10)
@@ -72,18 +78,8 @@ def test_a_claim_dies_with_its_process(tmp_path) -> None:
 
 
 def test_a_claim_waits_for_a_core_its_holder_is_about_to_free(tmp_path) -> None:
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import time; from pathlib import Path; from dni_dist.engines.affinity import CoreClaim; "
-            f"c = CoreClaim(Path({str(tmp_path)!r})); print(c.claim([0], 0, 1), flush=True); time.sleep(1)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = _holder(tmp_path, "time.sleep(1)")
     try:
-        assert holder.stdout.readline().strip() == "[0]"
         assert CoreClaim(tmp_path).claim([0], 0, 1) is None  # no patience: taken
         assert CoreClaim(tmp_path).claim([0], 0, 1, patience=30) == [0]  # the holder exits within it
     finally:
