@@ -4,7 +4,7 @@ Ray reserves CPUs as numbers, not as cores: every worker may run on any core of 
 and the kernel moves a stage's threads (its compute thread, its link threads, gloo's) from
 core to core, each move leaving the stage's caches behind. On the 2-core machine the same
 ``Stage`` calls took 15-55% more CPU in an unpinned Ray stage than in one process, and as
-much as in one process once pinned (benchmarks/RESULTS.md, "Pinned stages").
+much as in one process once pinned (benchmarks/RESULTS.md, "Issue 14, third round").
 
 Which cores: the stages on one node take slots in stage order, ``ceil(cpus_per_stage)``
 cores each, from the cores the actor may use (``os.sched_getaffinity``: a container's
