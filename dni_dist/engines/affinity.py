@@ -38,7 +38,6 @@ from pathlib import Path
 
 from dni_dist.errors import ConfigError
 
-PIN_MODES = ("auto", "on", "off")
 CLAIMS_DIR = Path(tempfile.gettempdir()) / "dni-dist-cores"
 
 

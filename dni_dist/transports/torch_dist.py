@@ -421,18 +421,25 @@ def _unpack(stream: Stream, layout: Layout, buffer: torch.Tensor, device: torch.
 
 
 @dataclass
-class _ReceiveLink:
-    """The one link a stage listens to, driven by the stage's thread: receives posted for
-    expected messages (work, buffer), oldest first, and how many more are expected."""
+class _Link:
+    """One end of a link driven by the stage's own thread (CPU): its stream, its process
+    group and its messages' fixed layout."""
 
     stream: Stream
     group: Any
     layout: Layout = field(init=False)
-    posted: deque[tuple[Any, torch.Tensor]] = field(default_factory=deque)
-    armed: int = 0
 
     def __post_init__(self) -> None:
         self.layout = Layout.of(self.stream)
+
+
+@dataclass
+class _ReceiveLink(_Link):
+    """The one link a stage listens to: receives posted for expected messages (work,
+    buffer), oldest first, and how many more are expected."""
+
+    posted: deque[tuple[Any, torch.Tensor]] = field(default_factory=deque)
+    armed: int = 0
 
 
 @dataclass
@@ -454,18 +461,12 @@ class _Slot:
 
 
 @dataclass
-class _SendLink:
-    """A link this rank sends on, driven by the stage's thread: its sends still in flight
-    (work, buffer, bytes), oldest first, and the buffers free to use again."""
+class _SendLink(_Link):
+    """A link this rank sends on: its sends still in flight (work, buffer, bytes), oldest
+    first, and the buffers free to use again."""
 
-    stream: Stream
-    group: Any
-    layout: Layout = field(init=False)
     pending: deque[tuple[Any, _Slot, int]] = field(default_factory=deque)
     free: list[_Slot] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.layout = Layout.of(self.stream)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
