@@ -108,3 +108,19 @@ def test_a_masked_step_is_no_step_even_the_first(name: str) -> None:
         masked_step(fused, torch.tensor(True))
         reference.step()
     torch.testing.assert_close(masked.detach(), plain.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_finds_any_nan_or_infinity_and_passes_large_finite_values(dtype: torch.dtype) -> None:
+    from dni_dist.core.numerics import all_finite
+
+    big = torch.finfo(dtype).max / 4  # float16's largest values sum without overflow in float32
+    x = torch.full((8, 16), big if dtype == torch.float16 else 1e3, dtype=dtype)
+    assert bool(all_finite(x)) and bool(all_finite(-x))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[5, 11] = bad
+        assert not bool(all_finite(y)), bad
+    mixed = x.clone()
+    mixed[0, 0], mixed[0, 1] = float("inf"), float("-inf")  # inf - inf: NaN, still caught
+    assert not bool(all_finite(mixed))

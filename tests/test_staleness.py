@@ -109,3 +109,17 @@ def test_the_control_gates_by_reliability_and_slows_the_segment_when_late() -> N
     off = StalenessControl(StalenessPolicy(refresh=False, gate="none", delay_lr=0.0), optimizer)
     off.observe(torch.zeros(4, 3), target, staleness=9)
     assert off.gate() is None and not off.refresh()
+
+
+def test_agreement_gives_the_cosine_and_the_relative_error_of_a_prediction() -> None:
+    from dni_dist.core.staleness import agreement
+
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(8, 5, generator=g)
+    prediction = target + 0.3 * torch.randn(8, 5, generator=g)
+    cosine, error = agreement(prediction, target.flatten())
+    expected = torch.nn.functional.cosine_similarity(prediction.flatten(), target.flatten(), dim=0)
+    assert float(cosine) == pytest.approx(float(expected), rel=1e-5)
+    assert float(error) == pytest.approx(float((prediction - target).pow(2).sum() / target.pow(2).sum()), rel=1e-4)
+    assert float(agreement(target, target)[1]) == pytest.approx(0.0, abs=1e-6)  # never below 0
+    assert float(agreement(torch.zeros(8, 5), target)[0]) == 0.0  # an untrained SG: no direction

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from dni_dist.core import fused_adam
+
 # Flags are stacked into one tensor this often, so an epoch's worth costs a byte per event.
 _FOLD = 256
 # A caller that never polls (the library API) still gets its flags judged, and its lists
@@ -31,8 +33,16 @@ class NumericFault(RuntimeError):
 
 
 def all_finite(t: torch.Tensor) -> torch.Tensor:
-    """A 0-dim bool tensor on t's device: are all of t's values finite? (No read-back.)"""
-    return torch.isfinite(t).all()
+    """A 0-dim bool tensor on t's device: are all of t's values finite? (No read-back.)
+
+    Read off the sum, which is NaN or infinite exactly when some value is, unless the sum of
+    finite values overflows (float32 or bfloat16 values near 1e34 and up, as many as a batch
+    holds): such a step counts as non-finite, and is one op away from infinity anyway. float16
+    is summed in float32, where its largest values (65504) cannot overflow. One reduction
+    instead of isfinite's four kernels: 7 us against 37 us on a 64 x 256 tensor on one CPU
+    core, and a stage checks three or four tensors a step."""
+    total = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
+    return torch.isfinite(total)
 
 
 def read_number(value: float | torch.Tensor) -> float:
@@ -41,18 +51,24 @@ def read_number(value: float | torch.Tensor) -> float:
 
 
 def masked_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
-    """``optimizer.step()``, skipped on the device where ``ok`` is false.
+    """``optimizer.step()`` on the parameters' ``.grad``, skipped on the device where ``ok``
+    is false; the gradients are consumed (set to None) either way.
 
-    Fused optimizers take the skip flag (``found_inf``) into the kernel. Any other optimiser
-    cannot, so it pays one read-back of the flag (the library API accepts any optimiser;
-    the builder always makes fused ones)."""
+    Fused optimizers take the skip flag (``found_inf``) into the kernel; fused Adam goes
+    through its kernel without ``Adam.step``'s Python (core/fused_adam.py) once its state
+    exists. Any other optimiser cannot take the flag, so it pays one read-back of it (the
+    library API accepts any optimiser; the builder always makes fused ones)."""
     if optimizer.defaults.get("fused"):
+        found_inf = (~ok).float()
+        if fused_adam.step(optimizer, found_inf):
+            return
         if isinstance(optimizer, torch.optim.SGD) and not optimizer.state:
             _zero_momentum(optimizer)
-        optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
+        optimizer.found_inf = found_inf  # type: ignore[attr-defined]
         optimizer.step()
     elif bool(ok):
         optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _zero_momentum(optimizer: torch.optim.SGD) -> None:

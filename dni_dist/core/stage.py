@@ -47,7 +47,7 @@ from dni_dist.core.messages import Kind, Message
 from dni_dist.core.methods import Boundary, SyntheticBoundary
 from dni_dist.core.numerics import NonFiniteLog, NumericFault, all_finite, masked_step, read_number
 from dni_dist.core.precision import autocast, wire_dtype
-from dni_dist.core.staleness import StalenessControl, StalenessPolicy
+from dni_dist.core.staleness import StalenessControl, StalenessPolicy, agreement
 from dni_dist.core.tasks import Task
 
 TARGET_MODES: tuple[str, ...] = ("bootstrap", "true", "lambda")
@@ -401,7 +401,9 @@ class Stage:
             # A GRAD from the top stage is the true gradient, which is also what the top
             # would bootstrap to, so it serves every mode.
             target = msg.tensor
-        self._train_sg(pending, target, pending.ok & all_finite(target))
+        # pending.ok holds the checks of every tensor received for the step (on_message), so
+        # of everything the target is made of.
+        self._train_sg(pending, target, pending.ok)
         out = []
         if self.target_mode != "bootstrap" and self.index > 0:
             if not pending.stashed:  # over the stash budget: through the current weights
@@ -478,8 +480,7 @@ class Stage:
         if m == 1:
             for p, g in zip(self.module.parameters(), grads, strict=True):
                 p.grad = g
-        masked_step(self.optimizer, ok)
-        self.optimizer.zero_grad(set_to_none=True)
+        masked_step(self.optimizer, ok)  # consumes the gradients
         self.stats.updates += 1
         self.stats.masked_updates += (~ok).long()
 
@@ -498,14 +499,13 @@ class Stage:
             h = torch.where(ok, h.detach(), 0)
             with torch.enable_grad():
                 loss, fitted = boundary.sg_loss(h, pending.context, target)
-        self.sg_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # into gradients that are None: the last masked_step consumed them
         masked_step(self.sg_optimizer, ok)
         prediction = (fitted if prediction is None else prediction).float()
         scaled = target.float().flatten() * target.shape[0]
+        cosine, error = agreement(prediction, scaled)
         if self._late is not None:
-            self._late.observe(prediction, scaled.view_as(prediction), staleness, ok)
-        cosine = torch.nn.functional.cosine_similarity(prediction.flatten(), scaled, dim=0, eps=1e-12)
+            self._late.observe_error(error, staleness, ok)
         self.stats.sg_updates += 1
         self.stats.sg_masked += (~ok).long()
         # float64 sums: a long run adds millions of terms

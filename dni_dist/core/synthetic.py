@@ -92,7 +92,7 @@ class SyntheticGradient(nn.Module):
         out = _wrap(self.wrapper, self.core(h, context)) + self.bias
         if self.label is not None:
             out = out + self.label(context).view(-1, *self.feature_shape)
-        return self.scale * out
+        return out if self.scale == 1.0 else self.scale * out  # no kernel (and no grad node) for 1
 
 
 class TokenSyntheticGradient(SyntheticGradient):
