@@ -119,4 +119,3 @@ def test_a_checkpointed_optimiser_steps_the_lean_way_after_loading() -> None:
     optimizer.found_inf = torch.tensor(0.0)
     optimizer.step()
     assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(params, fresh, strict=True))
-
