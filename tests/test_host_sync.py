@@ -124,3 +124,5 @@ def test_all_finite_finds_any_nan_or_infinity_and_passes_large_finite_values(dty
     mixed = x.clone()
     mixed[0, 0], mixed[0, 1] = float("inf"), float("-inf")  # inf - inf: NaN, still caught
     assert not bool(all_finite(mixed))
+    # A check adds nothing to a step's graph (what a pending step holds is measured from it).
+    assert all_finite(torch.ones(3, requires_grad=True) * 2).grad_fn is None

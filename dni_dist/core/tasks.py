@@ -3,6 +3,7 @@ conditioned on, and the score reported at evaluation."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -10,6 +11,12 @@ import torch
 from torch.nn import functional as F
 
 TASK_KINDS: tuple[str, ...] = ("classification", "regression", "language_model")
+
+
+@functools.cache
+def _classes(n: int, device: torch.device) -> torch.Tensor:
+    """0 .. n-1 on ``device``, made once: the one-hot context compares labels with it every step."""
+    return torch.arange(n, device=device)
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,7 @@ class Task:
             return y.long()
         if self.kind == "classification" and self.n_outputs > 1:
             # Not F.one_hot: it reads the labels' range back to the host on every call.
-            classes = torch.arange(self.n_outputs, device=y.device)
-            return (y.long().view(-1, 1) == classes).float()
+            return (y.long().view(-1, 1) == _classes(self.n_outputs, y.device)).float()
         if self.kind == "classification":  # binary, one logit: the 0/1 label itself
             return y.float().view(-1, 1)
         return y.float()
