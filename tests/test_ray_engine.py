@@ -228,3 +228,36 @@ def test_a_memory_budget_lowers_the_in_flight_limit(tmp_path) -> None:
     low = summary["stages"][0]
     assert (low["in_flight_limit"], low["in_flight_bound"]) == (200000 // low["pending_step_bytes"], "memory")
     assert low["peak_pending_steps"] <= low["in_flight_limit"]
+
+
+def test_a_polled_run_gets_each_epochs_metrics_with_its_results(monkeypatch) -> None:
+    """With a monitor polling around every epoch, the stages' end-of-epoch snapshots come back
+    with the epoch's results and answer polls until the stages change: no round trip."""
+    from dni_dist.builder import load_data
+
+    cfg = config(*RAY, "segments=2")
+    run = RayRun(cfg, load_data(cfg))
+    real_get, gets = ray.get, []
+
+    def counting_get(*args, **kwargs):
+        gets.append(1)
+        return real_get(*args, **kwargs)
+
+    try:
+        run.snapshot_with_epochs = True
+        run.train_epoch(0)
+        fresh = real_get([a.snapshot.remote() for a in run.actors])
+        monkeypatch.setattr(ray, "get", counting_get)
+        served = run.snapshots()
+        assert not gets  # answered without asking the stages
+        assert [s["counters"] for s in served] == [s["counters"] for s in fresh]
+        assert served[-1]["counters"]["steps"] == run.step
+        assert all("snapshot" not in report for report in run.epoch_reports[-1])
+        monkeypatch.setattr(ray, "get", real_get)
+        run.restore(run.state_handles(), run.step)  # the stages' state was replaced: ask them
+        monkeypatch.setattr(ray, "get", counting_get)
+        assert [s["counters"]["steps"] for s in run.snapshots()] == [s["counters"]["steps"] for s in fresh]
+        assert gets
+    finally:
+        monkeypatch.setattr(ray, "get", real_get)
+        run.close()

@@ -172,8 +172,11 @@ class StageWorker:
             pending_memory=cfg.dist.pending_memory,
         )
 
-    def run_epoch(self, epoch: int, first_step: int, steps: int, offset: int = 0) -> dict[str, Any]:
-        """Steps ``offset .. offset + steps - 1`` of ``epoch`` (numbered from ``first_step``)."""
+    def run_epoch(
+        self, epoch: int, first_step: int, steps: int, offset: int = 0, snapshot: bool = False
+    ) -> dict[str, Any]:
+        """Steps ``offset .. offset + steps - 1`` of ``epoch`` (numbered from ``first_step``);
+        ``snapshot``: with the stage's metrics at the end (see ``RayRun.snapshot_with_epochs``)."""
         assert self.loop is not None
         inputs = None
         if self.train_set is not None:
@@ -196,6 +199,7 @@ class StageWorker:
             "max_queued": report.max_queued,
             "max_pending": report.max_pending,
             "rss_bytes": _rss_bytes(),
+            **({"snapshot": self.snapshot()} if snapshot else {}),
         }
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -364,6 +368,12 @@ class RayRun:
         self._in_epoch = False  # an interrupted epoch leaves actors busy: kill, don't ask
         self.step = 0
         self.epoch_reports: list[list[dict[str, Any]]] = []
+        # Set by a caller that polls ``snapshots`` around every epoch (the runner's monitor):
+        # each stage's snapshot then comes back with its epoch's result, and answers polls
+        # until the next epoch, saving two round trips to every stage per epoch (about 1.5 ms
+        # each on digits; an epoch there is about 40 ms).
+        self.snapshot_with_epochs = False
+        self._epoch_end_snapshots: list[Snapshot] | None = None
         self.run_id = uuid.uuid4().hex
         self.generation = 0  # bumped by every restart; part of the actors' names
         try:
@@ -461,7 +471,11 @@ class RayRun:
         """Steps ``offset .. offset + count - 1`` of ``epoch``; raises StageLost when a stage
         actor dies or its links fail (the caller may ``restart`` and ``restore``)."""
         self._in_epoch = True
-        calls = {a.run_epoch.remote(epoch, self.step, count, offset): i for i, a in enumerate(self.actors)}
+        self._epoch_end_snapshots = None
+        with_snapshot = self.snapshot_with_epochs
+        calls = {
+            a.run_epoch.remote(epoch, self.step, count, offset, with_snapshot): i for i, a in enumerate(self.actors)
+        }
         reports: dict[int, dict[str, Any]] = {}
         waiting = list(calls)
         while waiting:  # the first failure ends the wait: the others would only block on it
@@ -476,6 +490,8 @@ class RayRun:
         self._in_epoch = False
         self.step += count
         ordered = [reports[i] for i in range(len(self.actors))]
+        if with_snapshot:
+            self._epoch_end_snapshots = [r.pop("snapshot") for r in ordered]
         self.epoch_reports.append(ordered)
         return ordered[-1]["losses"]
 
@@ -507,6 +523,7 @@ class RayRun:
         except ray.exceptions.ObjectLostError as exc:
             raise SnapshotLost(f"the snapshot of step {step} is lost ({exc.__class__.__name__})") from None
         self.step = step
+        self._epoch_end_snapshots = None  # the stages' counters are the restored ones now
 
     def write_shards(
         self, directory: Path, handles: list[Any] | None = None, by_stages: bool = True
@@ -547,6 +564,7 @@ class RayRun:
         calls = [a.load_shard.remote(str(p)) for a, p in zip(self.actors, paths, strict=True)]
         ray.get(calls, timeout=self.config.dist.timeout)
         self.step = step
+        self._epoch_end_snapshots = None
 
     def check_shared(self, directory: Path, patience: float = 2.0) -> None:
         """Every stage must see ``directory`` (checkpoint.dir) as the driver does: the driver
@@ -568,6 +586,7 @@ class RayRun:
     def restart(self) -> None:
         """Replace every stage actor (the process groups of the survivors are broken too)."""
         self._stop_actors()
+        self._epoch_end_snapshots = None
         self.generation += 1
         self._start()
 
@@ -581,7 +600,11 @@ class RayRun:
         return ray.get(ref)
 
     def snapshots(self) -> list[Snapshot]:
-        """Every stage's metrics now (the driver's poller calls this during an epoch)."""
+        """Every stage's metrics now (the driver's poller calls this during an epoch). Between
+        epochs the stages do not train, so the snapshots that came with the last epoch's
+        results (``snapshot_with_epochs``) are still the stages' metrics now."""
+        if not self._in_epoch and self._epoch_end_snapshots is not None:
+            return list(self._epoch_end_snapshots)
         return ray.get([a.snapshot.remote() for a in self.actors], timeout=10)
 
     def states(self) -> list[dict[str, dict[str, torch.Tensor]]]:

@@ -47,6 +47,8 @@ class Monitor:
         if not live:
             yield
             return
+        if hasattr(engine, "snapshot_with_epochs"):  # the last poll rides on the epoch's results
+            engine.snapshot_with_epochs = True
         base = self._top_steps(_safe(source))  # the top stage's step count as the epoch starts
 
         def publish(snaps: list[Snapshot]) -> None:
