@@ -11,25 +11,25 @@ from dni_dist.core import fused_adam
 from dni_dist.core.numerics import masked_step
 
 
-def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+def _params(seed: int = 0, device: str = "cpu") -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((17, 5), (5,), (3, 3))]
+    return [torch.nn.Parameter(torch.randn(shape, generator=g).to(device)) for shape in ((17, 5), (5,), (3, 3))]
 
 
 def _grads(step: int, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(p.shape, generator=g) for p in params]
+    return [torch.randn(p.shape, generator=g).to(p.device) for p in params]
 
 
-def _run(make, lean: bool, skips: tuple[bool, ...], drop_second: bool = False):
-    params = _params()
+def _run(make, lean: bool, skips: tuple[bool, ...], drop_second: bool = False, device: str = "cpu"):
+    params = _params(device=device)
     optimizer = make(params)
     took = []
     for i, skip in enumerate(skips):
         for j, (p, g) in enumerate(zip(params, _grads(i, params), strict=True)):
             # A parameter without a gradient this step (unused): both paths leave it alone.
             p.grad = None if (drop_second and j == 1 and i % 2) else g
-        found_inf = torch.tensor(float(skip))
+        found_inf = torch.tensor(float(skip), device=device)
         if lean and fused_adam.step(optimizer, found_inf):
             took.append(True)
         else:
@@ -50,11 +50,17 @@ OPTIMISERS = {
 }
 
 
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("name", sorted(OPTIMISERS))
-def test_the_lean_step_is_adams_step_bit_for_bit(name: str) -> None:
+def test_the_lean_step_is_adams_step_bit_for_bit(name: str, device: str) -> None:
     skips = (False, True, False, False, True, True, False)
-    reference, ref_opt, _ = _run(OPTIMISERS[name], lean=False, skips=skips, drop_second=True)
-    lean, lean_opt, took = _run(OPTIMISERS[name], lean=True, skips=skips, drop_second=True)
+    reference, ref_opt, _ = _run(OPTIMISERS[name], lean=False, skips=skips, drop_second=True, device=device)
+    lean, lean_opt, took = _run(OPTIMISERS[name], lean=True, skips=skips, drop_second=True, device=device)
     assert took == [False] + [True] * (len(skips) - 1)  # the first step creates the state
     for a, b in zip(reference, lean, strict=True):
         assert torch.equal(a.detach(), b.detach())
