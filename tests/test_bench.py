@@ -108,6 +108,11 @@ def test_throughput_quick_records_every_method_and_finite_ratios(ray_session, tm
     assert all(math.isfinite(v) and v > 0 for v in on_disk["ratios"].values())
     assert (tmp_path / "throughput.png").stat().st_size > 0
     assert "| 2 | gpipe |" in (tmp_path / "throughput.md").read_text()
+    for r in on_disk["results"]:  # engine runs: never faster than their slowest stage's compute
+        if "busy_fraction" in r:
+            assert len(r["stage_compute_seconds"]) == 2
+            assert r["samples_per_second"] <= r["compute_bound_samples_per_second"] * 1.05
+    assert "slowest stage's bound" in (tmp_path / "throughput.md").read_text()
 
 
 @pytest.mark.slow

@@ -63,6 +63,16 @@ def measure(method: str, segments: int, spec: Spec, windows: int, warmup: int = 
             extra["busy_fraction"] = [
                 round(statistics.median(r[k]["busy_fraction"] for r in reports), 3) for k in range(segments)
             ]
+            # Each stage's own compute per window (its Stage calls: forward, backward, SG,
+            # updates), and the samples/s if a step cost no more than the slowest stage's:
+            # no schedule or transport can beat it, so it separates the split's limit from
+            # the engine's.
+            computes = [
+                statistics.median(r[k]["busy_fraction"] * r[k]["wall_seconds"] for r in reports)
+                for k in range(segments)
+            ]
+            extra["stage_compute_seconds"] = [round(c, 6) for c in computes]
+            extra["compute_bound_samples_per_second"] = samples / max(computes) if max(computes) > 0 else None
     finally:
         run.close()
     timed = rates[warmup:]
@@ -168,6 +178,24 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append(
             f"| {r['segments']} | {r['method']} | {r['samples_per_second']:.0f} | {span} | {rels[0]} | {rels[1]} |"
         )
+    bounded = [r for r in payload["results"] if r.get("compute_bound_samples_per_second")]
+    if bounded:
+        lines += [
+            "",
+            "Engine runs against their slowest stage's compute: the samples/s if a step cost only the",
+            "compute of the slowest stage (its forward, backward, SG and updates), which no schedule",
+            "or transport can beat.",
+            "",
+            "| K | method | samples/s | slowest stage's bound | share of the bound | busy per stage |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in bounded:
+            bound = r["compute_bound_samples_per_second"]
+            busy = ", ".join(f"{b:.2f}" for b in r["busy_fraction"])
+            lines.append(
+                f"| {r['segments']} | {r['method']} | {r['samples_per_second']:.0f} | {bound:.0f} | "
+                f"{r['samples_per_second'] / bound:.2f} | {busy} |"
+            )
     if payload["ratios"]:
         lines += ["", "| ratio (samples/s) | value |", "|---|---|"]
         lines += [f"| {name} | {value:.2f} |" for name, value in payload["ratios"].items()]

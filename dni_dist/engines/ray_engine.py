@@ -66,7 +66,8 @@ class StageWorker:
         data: Dataset | None = None,
         import_paths: tuple[str, ...] = (),
     ):
-        torch.set_num_threads(max(1, int(config.dist.cpus_per_stage or 1)))
+        self.torch_threads = max(1, int(config.dist.cpus_per_stage or 1))
+        torch.set_num_threads(self.torch_threads)
         self.config = config
         self.index = index
         self.device = torch.device("cuda:0") if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
@@ -178,6 +179,9 @@ class StageWorker:
         """Steps ``offset .. offset + steps - 1`` of ``epoch`` (numbered from ``first_step``);
         ``snapshot``: with the stage's metrics at the end (see ``RayRun.snapshot_with_epochs``)."""
         assert self.loop is not None
+        # Per thread: an executor thread new to torch runs its matmuls on OpenMP's default
+        # team (every core) until its first op through torch's parallel loop.
+        torch.set_num_threads(self.torch_threads)
         inputs = None
         if self.train_set is not None:
             # Only this chunk's batches: skipped ones would be gathered (and copied) for nothing.
@@ -205,6 +209,7 @@ class StageWorker:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The segment's output for ``x``, in chunks of the batch size: evaluation needs no
         more device memory than a training step."""
+        torch.set_num_threads(self.torch_threads)  # as in run_epoch
         chunks = x.split(self.config.data.batch_size)
         return torch.cat([self.stage.predict(c.to(self.device)).cpu() for c in chunks])
 
