@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import threading
 
-import torch
-
 from dni_dist.builder import build_stages, load_data, plan_model
 from dni_dist.config import TrainConfig
 from dni_dist.core.stage import Stage
@@ -42,13 +40,8 @@ def run_threaded(
     reports: list[list[EpochReport]] = [[] for _ in stages]
     per_epoch = len(data.x_train) // cfg.data.batch_size if steps is None else steps
     errors: list[BaseException] = []
-    threads_per_op = torch.get_num_threads()
 
     def work(k: int) -> None:
-        # A new thread starts with OpenMP's default team size, and keeps it until its first
-        # op that goes through torch's own parallel loop; a matmul before that ran on two
-        # threads where the reference (this thread) runs on one, and rounded differently.
-        torch.set_num_threads(threads_per_op)
         try:
             for epoch in range(epochs):
                 inputs = batches(data.x_train, data.y_train, cfg.data.batch_size, cfg.seed, epoch) if k == 0 else None

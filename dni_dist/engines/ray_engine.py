@@ -45,7 +45,7 @@ from dni_dist.engines.affinity import (
 from dni_dist.engines.placement import check_grpc_reach, stage_bundles, stage_cpus, stage_gpus
 from dni_dist.engines.scaling import wait_for_placement
 from dni_dist.engines.shards import ShardRecord, read_shard, read_token, to_cpu, write_shard, write_token
-from dni_dist.engines.stage_loop import StageLoop
+from dni_dist.engines.stage_loop import StageLoop, adopt_thread_count
 from dni_dist.engines.wiring import all_streams, streams_of
 from dni_dist.errors import ConfigError, SnapshotLost, StageLost, reason
 from dni_dist.transports.base import Stream, Transport, TransportError
@@ -66,8 +66,7 @@ class StageWorker:
         data: Dataset | None = None,
         import_paths: tuple[str, ...] = (),
     ):
-        self.torch_threads = max(1, int(config.dist.cpus_per_stage or 1))
-        torch.set_num_threads(self.torch_threads)
+        torch.set_num_threads(max(1, int(config.dist.cpus_per_stage or 1)))
         self.config = config
         self.index = index
         self.device = torch.device("cuda:0") if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
@@ -179,9 +178,6 @@ class StageWorker:
         """Steps ``offset .. offset + steps - 1`` of ``epoch`` (numbered from ``first_step``);
         ``snapshot``: with the stage's metrics at the end (see ``RayRun.snapshot_with_epochs``)."""
         assert self.loop is not None
-        # Per thread: an executor thread new to torch runs its matmuls on OpenMP's default
-        # team (every core) until its first op through torch's parallel loop.
-        torch.set_num_threads(self.torch_threads)
         inputs = None
         if self.train_set is not None:
             # Only this chunk's batches: skipped ones would be gathered (and copied) for nothing.
@@ -209,7 +205,7 @@ class StageWorker:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The segment's output for ``x``, in chunks of the batch size: evaluation needs no
         more device memory than a training step."""
-        torch.set_num_threads(self.torch_threads)  # as in run_epoch
+        adopt_thread_count()  # as the stage loop does: this executor thread may be new to torch
         chunks = x.split(self.config.data.batch_size)
         return torch.cat([self.stage.predict(c.to(self.device)).cpu() for c in chunks])
 

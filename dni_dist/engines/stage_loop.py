@@ -46,6 +46,14 @@ class EpochReport:
     max_pending: int
 
 
+def adopt_thread_count() -> None:
+    """Give the calling thread the process's torch thread count. A thread new to torch runs
+    its matmuls on OpenMP's default team (every core) until its first op through torch's own
+    parallel loop; besides oversubscribing a stage's cores, such a matmul rounds differently
+    from one on the configured count (a (10, 64) x (64, 256) product did, on one thread)."""
+    torch.set_num_threads(torch.get_num_threads())
+
+
 class StageLoop:
     def __init__(
         self,
@@ -87,6 +95,7 @@ class StageLoop:
         stage = self.stage
         if (stage.index == 0) != (inputs is not None):
             raise ValueError("stage 0 reads the data; every other stage reads activations")
+        adopt_thread_count()  # an epoch may run on a thread new to torch (a Ray executor's)
         if stage.index > 0:
             self.transport.expect(stage.index - 1, steps)
         per_step = stage.down_messages_per_step
