@@ -44,7 +44,9 @@ def step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> bool:
                 continue
             flag = found_inf.to(params[0].device, torch.float32)
             beta1, beta2 = group["betas"]
-            kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+            # In older torch AdamW was a class of its own and Adam's groups had no such key.
+            decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+            kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
             torch._foreach_add_(steps, 1)
             kernel(
                 params,
