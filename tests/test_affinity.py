@@ -13,6 +13,9 @@ from dni_dist.engines.affinity import (
     CoreClaim,
     candidate_cores,
     cpu_slots,
+    gpu_local_cores,
+    parse_cpulist,
+    pci_local_cores,
     should_pin,
     slot_width,
     too_few_cores,
@@ -33,6 +36,51 @@ def test_a_stage_tries_its_slots_cores_first_then_the_next_ones_round_the_end() 
     # A container's cpuset: cores 4-7 of the node; slot 1 of width 2 starts at core 6.
     assert candidate_cores([7, 4, 6, 5], 1, 2) == [6, 7, 4, 5]
     assert candidate_cores([4, 5, 6, 7], 2, 2) == [4, 5, 6, 7]
+
+
+def test_a_gpu_stage_tries_the_cores_of_its_gpus_numa_node_first() -> None:
+    # Two sockets of 4 cores; the GPU hangs off the second. Slot 1's order, near cores first.
+    assert candidate_cores(range(8), 1, 1, near={4, 5, 6, 7}) == [4, 5, 6, 7, 1, 2, 3, 0]
+    assert candidate_cores(range(8), 5, 1, near={4, 5, 6, 7}) == [5, 6, 7, 4, 0, 1, 2, 3]
+    assert candidate_cores([0, 1], 0, 1, near={6, 7}) == [0, 1]  # none of them allowed: as before
+
+
+def test_claims_take_free_near_cores_before_far_ones(tmp_path) -> None:
+    near = {2, 3}
+    claims = [CoreClaim(tmp_path) for _ in range(3)]
+    assert claims[0].claim(range(4), 0, 1, near=near) == [2]
+    assert claims[1].claim(range(4), 0, 1, near=near) == [3]
+    assert claims[2].claim(range(4), 0, 2, near=near) == [0, 1]  # the near ones are held: the rest
+
+
+def test_kernel_cpu_lists_parse() -> None:
+    assert parse_cpulist("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
+    assert parse_cpulist("") == set()
+
+
+def test_a_pci_devices_near_cores_come_from_sysfs_or_are_unknown(tmp_path) -> None:
+    device = tmp_path / "0000:3b:00.0"
+    device.mkdir()
+    (device / "local_cpulist").write_text("16-31,48-63\n")
+    assert pci_local_cores(0, 0x3B, 0, root=tmp_path) == set(range(16, 32)) | set(range(48, 64))
+    assert pci_local_cores(0, 0x3C, 0, root=tmp_path) == set()  # no such device: no preference
+    (device / "local_cpulist").write_text("garbage")
+    assert pci_local_cores(0, 0x3B, 0, root=tmp_path) == set()
+
+
+def test_a_gpus_near_cores_follow_its_pci_ids(tmp_path, monkeypatch) -> None:
+    import torch
+
+    class Props:  # what torch reports for a GPU at PCI 0000:3b:00.0
+        pci_domain_id, pci_bus_id, pci_device_id = 0, 0x3B, 0
+
+    device = tmp_path / "0000:3b:00.0"
+    device.mkdir()
+    (device / "local_cpulist").write_text("4-7")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props())
+    assert gpu_local_cores(0, root=tmp_path) == {4, 5, 6, 7}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: object())  # a torch without them
+    assert gpu_local_cores(0, root=tmp_path) == set()
 
 
 def test_claims_never_share_a_core_and_a_release_frees_it(tmp_path) -> None:

@@ -20,8 +20,14 @@ the stage it replaces, whose process may not have ended yet.
 
 ``auto`` pins only on a Ray this process started (the CLI's embedded Ray, a benchmark's):
 on a shared cluster, processes that are not ours float over every core, our pinned stage
-among them, and it could no longer move away from a busy one. NUMA and GPU locality are
-not considered.
+among them, and it could no longer move away from a busy one.
+
+GPU locality: a stage on a GPU tries the cores near that GPU first, those of the GPU's
+NUMA node as the kernel lists them for its PCI device (``local_cpulist`` in sysfs), so its
+host-side work (launching kernels, staging copies for gloo, the links' threads) runs on the
+socket the GPU hangs off; on a two-socket 8-GPU server the other socket's cores are a hop
+further from the GPU and from the pinned memory its copies use. When the kernel does not
+say (no sysfs, an older torch without PCI ids, a CPU stage), every allowed core is as near.
 """
 
 from __future__ import annotations
@@ -33,12 +39,15 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
+
+import torch
 
 from dni_dist.errors import ConfigError
 
 CLAIMS_DIR = Path(tempfile.gettempdir()) / "dni-dist-cores"
+PCI_DEVICES = Path("/sys/bus/pci/devices")
 
 
 def should_pin(mode: str, own_ray: bool) -> bool:
@@ -62,14 +71,47 @@ def slot_width(cpus_per_stage: float) -> int:
     return max(1, math.ceil(cpus_per_stage - 1e-9))
 
 
-def candidate_cores(allowed: Sequence[int], slot: int, width: int) -> list[int]:
+def candidate_cores(allowed: Sequence[int], slot: int, width: int, near: Collection[int] = ()) -> list[int]:
     """``allowed`` in the order a stage tries them: from its slot's first core on, round the
-    end; a run alone on its machine gets slot i's cores, later runs the next free ones."""
+    end; a run alone on its machine gets slot i's cores, later runs the next free ones.
+    Cores in ``near`` (its GPU's NUMA node) come first, each group in that order."""
     cores = sorted(allowed)
     if not cores:
         return []
     first = (slot * width) % len(cores)
-    return cores[first:] + cores[:first]
+    order = cores[first:] + cores[:first]
+    return [c for c in order if c in near] + [c for c in order if c not in near]
+
+
+def parse_cpulist(text: str) -> set[int]:
+    """The cores of a kernel CPU list such as ``0-15,32-47`` (sysfs ``local_cpulist``)."""
+    cores: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        cores.update(range(int(low), int(high or low) + 1))
+    return cores
+
+
+def pci_local_cores(domain: int, bus: int, device: int, root: Path = PCI_DEVICES) -> set[int]:
+    """The cores of the NUMA node of PCI device ``domain:bus:device.0``; empty when the
+    kernel does not say (no sysfs in the container, no such device, an unreadable list)."""
+    path = root / f"{domain:04x}:{bus:02x}:{device:02x}.0" / "local_cpulist"
+    try:
+        return parse_cpulist(path.read_text())
+    except (OSError, ValueError):
+        return set()
+
+
+def gpu_local_cores(index: int, root: Path = PCI_DEVICES) -> set[int]:
+    """The cores near CUDA device ``index`` (its PCI ids from torch, its NUMA node's cores
+    from sysfs); empty when either is unknown (torch builds without the PCI ids)."""
+    props = torch.cuda.get_device_properties(index)
+    ids = [getattr(props, f"pci_{name}_id", None) for name in ("domain", "bus", "device")]
+    if any(not isinstance(i, int) for i in ids):
+        return set()
+    return pci_local_cores(*ids, root=root)
 
 
 class CoreClaim:
@@ -80,17 +122,19 @@ class CoreClaim:
         self.cores: list[int] = []
         self._fds: list[int] = []
 
-    def claim(self, allowed: Sequence[int], slot: int, width: int, patience: float = 0.0) -> list[int] | None:
-        """``width`` free cores of ``allowed``, held from now on; None (holding none) if fewer
-        are free, after trying again for up to ``patience`` seconds."""
+    def claim(
+        self, allowed: Sequence[int], slot: int, width: int, patience: float = 0.0, near: Collection[int] = ()
+    ) -> list[int] | None:
+        """``width`` free cores of ``allowed`` (those ``near`` first), held from now on; None
+        (holding none) if fewer are free, after trying again for up to ``patience`` seconds."""
         deadline = time.monotonic() + patience
         while True:
-            cores = self._claim_once(allowed, slot, width)
+            cores = self._claim_once(allowed, slot, width, near)
             if cores is not None or time.monotonic() >= deadline:
                 return cores
             time.sleep(0.1)
 
-    def _claim_once(self, allowed: Sequence[int], slot: int, width: int) -> list[int] | None:
+    def _claim_once(self, allowed: Sequence[int], slot: int, width: int, near: Collection[int]) -> list[int] | None:
         self.release()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -98,7 +142,7 @@ class CoreClaim:
             return None
         with contextlib.suppress(OSError):  # another user's directory: theirs to open up
             os.chmod(self.directory, 0o1777)  # like /tmp: every user's runs share the claims
-        for core in candidate_cores(allowed, slot, width):
+        for core in candidate_cores(allowed, slot, width, near):
             if len(self.cores) == width:
                 break
             fd = self._lock(core)

@@ -36,6 +36,7 @@ from dni_dist.engines.affinity import (
     CoreClaim,
     compute_niceness,
     cpu_slots,
+    gpu_local_cores,
     pin_process,
     set_thread_niceness,
     should_pin,
@@ -72,6 +73,7 @@ class StageWorker:
         self.device = torch.device("cuda:0") if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
         self.transport: Transport | None = None
         self.pinned: list[int] | None = None  # the cores of dist.pin_cpus, if pinned
+        self.near_cores: set[int] = set()  # the cores of this stage's GPU's NUMA node, if known
         self.allowed: list[int] = []  # the cores it may use unpinned
         self.claim = CoreClaim(Path(config.dist.core_claims_dir) if config.dist.core_claims_dir else CLAIMS_DIR)
         self.compute_nice: int | None = None  # and then the compute thread's niceness
@@ -250,13 +252,14 @@ class StageWorker:
         return os.getpid()
 
     def pin_cpus(self, slot: int, width: int, patience: float) -> tuple[list[int] | None, int, int]:
-        """Claim ``width`` free cores (slot ``slot``'s first; waiting up to ``patience``
-        seconds for them) and keep every thread of this stage on them (``dist.pin_cpus``),
-        before the links start their threads, which inherit it; ``run_epoch``'s thread will
-        yield to them. Returns (the cores, or None when too few are free; the cores this
-        process may use; how many of them are free)."""
+        """Claim ``width`` free cores (those near this stage's GPU first, then slot ``slot``'s
+        first; waiting up to ``patience`` seconds for them) and keep every thread of this
+        stage on them (``dist.pin_cpus``), before the links start their threads, which
+        inherit it; ``run_epoch``'s thread will yield to them. Returns (the cores, or None
+        when too few are free; the cores this process may use; how many of them are free)."""
         allowed = sorted(os.sched_getaffinity(0))
-        cores = self.claim.claim(allowed, slot, width, patience)
+        self.near_cores = gpu_local_cores(self.device.index or 0) if self.device.type == "cuda" else set()
+        cores = self.claim.claim(allowed, slot, width, patience, near=self.near_cores)
         if cores is None:
             return None, len(allowed), self.claim.free(allowed)
         self.allowed = allowed
@@ -284,6 +287,8 @@ class StageWorker:
         stats["parameters"] = sum(p.numel() for p in self.stage.module.parameters())
         stats["device"] = str(self.device)
         stats["cpu_affinity"] = self.pinned  # None: not pinned (dist.pin_cpus)
+        # On its GPU's NUMA node: True/False; None where unknown (a CPU stage, no sysfs, unpinned).
+        stats["cpu_near_gpu"] = set(self.pinned) <= self.near_cores if self.pinned and self.near_cores else None
         stats["compute_niceness"] = self.compute_nice_seen
         stats["niceness"] = os.getpriority(os.PRIO_PROCESS, 0)  # what dist.niceness got (Ray applies it)
         if self.loop is not None:
