@@ -122,34 +122,74 @@ def plain_backprop(size: Size, device: torch.device) -> dict[str, Any]:
     return {"samples_per_second": _median(rates[1:] or rates), "windows": rates}
 
 
+class _DeviceTimer:
+    """The device time of one stage's calls: a CUDA event before and after each (on the
+    stream the stage computes on), summed once the window is synchronised. A stage's own
+    ``compute_seconds`` is the CPU's time to *issue* that work (stage.py), which on a GPU
+    says little about the step: launches run ahead, then block when the queue fills."""
+
+    def __init__(self, stage: Any) -> None:
+        self.pairs: list[tuple[Any, Any]] = []
+        for name in ("forward", "update", "on_message"):
+            setattr(stage, name, self._timed(getattr(stage, name)))
+
+    def _timed(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                end.record()
+                self.pairs.append((start, end))
+
+        return call
+
+    def take_ms(self) -> float:
+        """Milliseconds of device time since the last call (after a synchronise)."""
+        pairs, self.pairs = self.pairs, []
+        return sum(start.elapsed_time(end) for start, end in pairs)
+
+
 def local_engine(size: Size, device: torch.device, *extra: str) -> dict[str, Any]:
-    """The local engine's stages on the device: samples/s and each stage's step time."""
+    """The local engine's stages on the device: samples/s and each stage's step time (device
+    time from CUDA events on a GPU; the issuing CPU's time as well, and alone on the CPU)."""
     from dni_dist.config import load_config
     from dni_dist.engines.local import LocalEngine
 
     stages, data = _stages_on(load_config(overrides=size.overrides(*extra)), device)
     engine = LocalEngine(stages)
-    rates, per_stage = [], []
+    timers = [_DeviceTimer(s) for s in stages] if device.type == "cuda" else []
+    rates, issue, on_device = [], [], []
     started = time.monotonic()
     for epoch in range(size.epochs):
         batches = _device_batches(data, size.batch, epoch, device)
         before = [s.stats.compute_seconds for s in stages]
         _sync(device)
+        for timer in timers:
+            timer.take_ms()  # nothing before this window
         tick = time.perf_counter()
         for x, y in batches:
             engine.train_step(x, y)
         _sync(device)
         rates.append(len(batches) * size.batch / (time.perf_counter() - tick))
-        per_stage.append(
-            [1e3 * (s.stats.compute_seconds - b) / len(batches) for s, b in zip(stages, before, strict=True)]
-        )
+        n = len(batches)
+        issue.append([1e3 * (s.stats.compute_seconds - b) / n for s, b in zip(stages, before, strict=True)])
+        on_device.append([t.take_ms() / n for t in timers])
         if time.monotonic() - started > SECTION_BUDGET_S:
             break
-    timed = per_stage[1:] or per_stage
+
+    def per_stage(windows: list[list[float]]) -> list[float]:
+        timed = windows[1:] or windows  # the first window is warm-up
+        return [round(_median([w[i] for w in timed], 3), 3) for i in range(len(timed[0]))]
+
+    issued = per_stage(issue)
     return {
         "settings": list(extra),
         "samples_per_second": _median(rates[1:] or rates),
-        "stage_ms_per_step": [round(_median([w[i] for w in timed]), 3) for i in range(len(stages))],
+        # Device time per step on a GPU (CUDA events); on the CPU the compute's own time.
+        "stage_ms_per_step": per_stage(on_device) if timers else issued,
+        "stage_issue_ms_per_step": issued,  # the CPU's time to issue each stage's work
         "windows": rates,
     }
 
@@ -203,8 +243,17 @@ def ray_shared(size: Size, device: torch.device, transport: str) -> dict[str, An
 
     cpus = 0.5 if device.type == "cpu" else 1.0
     config = load_config(
-        overrides=size.overrides("method=sg", "runtime=ray", f"transport={transport}", f"dist.cpus_per_stage={cpus}")
+        overrides=size.overrides(
+            "method=sg",
+            "runtime=ray",
+            f"transport={transport}",
+            f"dist.cpus_per_stage={cpus}",
+            # A stalled link fails within a minute, not the default five: the script's
+            # 6 minutes must hold even when a section hangs.
+            f"dist.timeout={int(SECTION_BUDGET_S)}",
+        )
     )
+    started = time.monotonic()
     run = RayRun(config, load_data(config))
     try:
         rates = []
@@ -213,6 +262,8 @@ def ray_shared(size: Size, device: torch.device, transport: str) -> dict[str, An
             tick = time.perf_counter()
             run.train_epoch(epoch)
             rates.append(samples / (time.perf_counter() - tick))
+            if time.monotonic() - started > SECTION_BUDGET_S:
+                break
         stages = run.stage_summaries()
     finally:
         run.close()
@@ -225,8 +276,8 @@ def ray_shared(size: Size, device: torch.device, transport: str) -> dict[str, An
 
 
 def bf16_speed(size: Size, device: torch.device) -> dict[str, Any]:
-    """A square matmul block (a transformer-sized MLP) forward and backward, bf16 vs fp32."""
-    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 at its best on the GPU: TF32 matmuls
+    """A square matmul block (a transformer-sized MLP) forward and backward, bf16 vs fp32
+    (fp32 at its best on a GPU: TF32 matmuls, set in ``main``)."""
     block = torch.nn.Sequential(
         torch.nn.Linear(size.block, 4 * size.block), torch.nn.GELU(), torch.nn.Linear(4 * size.block, size.block)
     ).to(device)
@@ -251,9 +302,9 @@ def bf16_speed(size: Size, device: torch.device) -> dict[str, Any]:
     return out
 
 
-def _median(values: list[float]) -> float:
+def _median(values: list[float], digits: int = 1) -> float:
     ordered = sorted(values)
-    return round(ordered[len(ordered) // 2], 1) if ordered else 0.0
+    return round(ordered[len(ordered) // 2], digits) if ordered else 0.0
 
 
 def run_sections(size: Size, device: torch.device) -> dict[str, Any]:
@@ -306,8 +357,11 @@ def markdown(payload: dict[str, Any]) -> str:
         "|---|---|",
         f"| plain PyTorch backprop, samples/s | {rate(r['plain'])} |",
         f"| local engine, sg, samples/s | {rate(stage.get('with_sg', stage))} |",
-        f"| stage ms/step with SG / without | {stage.get('with_sg', {}).get('stage_ms_per_step')} / "
+        f"| stage ms/step on the device, with SG / without | {stage.get('with_sg', {}).get('stage_ms_per_step')} / "
         f"{stage.get('without_sg', {}).get('stage_ms_per_step')} |",
+        f"| stage ms/step to issue (CPU), with SG / without | "
+        f"{stage.get('with_sg', {}).get('stage_issue_ms_per_step')} / "
+        f"{stage.get('without_sg', {}).get('stage_issue_ms_per_step')} |",
         f"| SG share of stage 0's step | {stage.get('sg_share_of_stage_step')} |",
         f"| host syncs in the hot path | {syncs} {r['sync'].get('first', '')} |",
         f"| Ray K stages on one GPU, gloo, samples/s | {rate(r['ray-gloo'])} |",
@@ -331,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1 if args.cpu_dry_run else min(8, torch.get_num_threads()))
     device = torch.device("cpu") if args.cpu_dry_run else torch.device("cuda:0")
     size = DRY_SIZE if args.cpu_dry_run else GPU_SIZE
+    from dni_dist.core.precision import enable_tf32
+
+    # As every engine sets it (and Ray's stage actors do): otherwise plain backprop and the
+    # local engine ran strict fp32 while the Ray stages ran TF32, and the ratios would lie.
+    enable_tf32(device)
     started = time.monotonic()
     sections = run_sections(size, device)
     payload = {

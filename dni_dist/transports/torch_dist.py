@@ -36,15 +36,24 @@ Why this cannot deadlock:
   stream waits on; a received message carries an event recorded on the link's stream
   after the receive, which the compute stream waits on when the stage takes it
   (``record_stream`` tells the caching allocator about the cross-stream use). Nothing
-  synchronises the device; the header is copied from pinned memory.
+  synchronises the device; headers go through pinned memory both ways. Link streams come
+  from torch's high-priority stream pool, apart from the low-priority pool NCCL's own
+  streams come from (two links sharing a stream could hold each other up), and are checked
+  to be distinct.
 - Creation order: ``new_group`` is collective over the world, so every rank creates every
-  link's group (also those it is not in), in one order (sorted by (src, dst)).
+  link's group (also those it is not in), in one order (sorted by (src, dst)); then each
+  rank sends or receives one tiny message per link of its own, in that order, on one
+  thread (``warm_links``), so NCCL's point-to-point communicators, made at a pair's first
+  message, all exist before the link threads use them concurrently.
+- Bounded on the device: an NCCL send's host-side ``wait`` returns at once, so each link
+  keeps an event per send still running and its send thread waits for the oldest beyond
+  ``capacity`` of them; ``flush`` waits for all of them.
 - Receivers are armed only for messages that will come (``expect``), and queues are
   bounded (base.py), so shutdown never waits on a receive nobody answers.
 
-The only host read-back is the 16-byte header, read by the link's receive thread once its
-own stream finished the receive: it blocks that thread, never compute (the stage loop
-needs the kind and step to route a message). Tested over gloo on CPU (K=4, every method:
+The only host read-back is the 16-byte header, copied to pinned memory on the link's
+stream after the receive and read once that copy's event completes: it blocks the link's
+receive thread, never compute (the stage loop needs the kind and step to route a message). Tested over gloo on CPU (K=4, every method:
 tests/test_link_groups.py); NCCL itself needs a GPU per rank and has not run here.
 
 Why not Ray Direct Transport (``@ray.method(tensor_transport="nccl")``, Ray 2.60)? It is
@@ -121,7 +130,27 @@ def init_links(
         group = dist.new_group(list(link), backend=backend)  # collective: every rank, same order
         if rank in link:
             groups[link] = group
+    warm_links(groups, rank, device if backend == "nccl" else torch.device("cpu"))
     return groups
+
+
+def warm_links(groups: dict[Link, Any], rank: int, device: torch.device) -> None:
+    """One tiny message over each of this rank's links, in link order, on this one thread,
+    before any link thread starts. NCCL creates a point-to-point communicator at a pair's
+    first send or receive, a blocking step that both ranks must reach; made here, every
+    communicator exists before link threads drive several of them concurrently (NCCL asks
+    concurrent communicators to be created and used in an order every rank agrees on), and
+    none is created in a link thread while another link's kernels run. Blocking exchanges in
+    one global order cannot wait on each other in a cycle: the first unfinished link in that
+    order has both its ranks at it."""
+    for link in sorted(groups):
+        token = torch.zeros(1, device=device)
+        if link[0] == rank:
+            dist.send(token, link[1], group=groups[link])
+        else:
+            dist.recv(token, link[0], group=groups[link])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # setup, once: every warm-up message has landed
 
 
 @dataclass
@@ -153,9 +182,12 @@ class TorchDistTransport(Transport):
         self.cuda = compute_device.type == "cuda"
         self.nccl = wire_device.type == "cuda"
         # One CUDA stream per link, used only by that link's one thread on this rank.
-        self._link_streams: dict[Link, Any] = (
-            {link: torch.cuda.Stream(compute_device) for link in groups} if self.cuda else {}
-        )
+        self._link_streams: dict[Link, Any] = _link_streams(list(groups), compute_device) if self.cuda else {}
+        # NCCL: an event per send still running on the device, oldest first, per link. The
+        # host-side ``wait`` of an NCCL send returns at once, so without these neither the
+        # outbox bound nor ``flush`` would mean the message left: each link keeps at most
+        # ``capacity`` sends (and their buffers) in flight on the device.
+        self._device_sends: dict[Link, deque[Any]] = {link: deque() for link in groups} if self.nccl else {}
         # On the CPU the stage's thread posts its sends itself (see _post): no send thread.
         self.inline_sends = not self.cuda
         self._sending = {s.dst: _SendLink(s, groups[(s.src, s.dst)]) for s in outbound} if self.inline_sends else {}
@@ -282,7 +314,16 @@ class TorchDistTransport(Transport):
 
     def flush(self, timeout: float) -> None:
         if not self.inline_sends:
+            deadline = time.monotonic() + timeout
             super().flush(timeout)
+            for link, sends in self._device_sends.items():  # the send threads are idle now
+                while sends:
+                    if not sends[0].query():
+                        if time.monotonic() > deadline:
+                            raise TransportTimeout(f"rank {self.rank}: link {link} did not drain in {timeout:.0f} s")
+                        time.sleep(0.001)
+                        continue
+                    sends.popleft()
             return
         deadline = time.monotonic() + timeout
         for link in self._sending.values():
@@ -349,6 +390,13 @@ class TorchDistTransport(Transport):
                 assert msg.labels is not None
                 layout.labels(buffer).copy_(msg.labels, non_blocking=self.nccl)
             dist.isend(buffer, stream.dst, group=self.groups[layout.link]).wait()
+            if self.nccl:
+                sent = torch.cuda.Event()
+                sent.record(link_stream)  # after the link stream's wait on the NCCL send
+                sends = self._device_sends[layout.link]
+                sends.append(sent)
+                if len(sends) > self.capacity:  # this link thread waits, never the compute
+                    sends.popleft().synchronize()
 
     def _receive_one(self, stream: Stream) -> Message:
         layout = Layout.of(stream)
@@ -406,10 +454,27 @@ class Layout:
 HEADER_BYTES = 16  # (kind, step) as two int64
 
 
+def _read_header(header: torch.Tensor) -> tuple[int, int]:
+    """(kind code, step) of a received header. On a GPU: copied into pinned memory on the
+    current (link) stream, then the host waits for that copy's event only: not a pageable
+    read-back (``tolist`` on a CUDA tensor is a blocking memcpy, the pattern behind NCCL
+    init deadlocks across threads, and a sync ``set_sync_debug_mode`` counts)."""
+    if not header.is_cuda:
+        code, step = header.tolist()
+        return int(code), int(step)
+    host = torch.empty(2, dtype=torch.long, pin_memory=True)
+    host.copy_(header, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    copied.synchronize()
+    code, step = host.tolist()
+    return int(code), int(step)
+
+
 def _unpack(stream: Stream, layout: Layout, buffer: torch.Tensor, device: torch.device | None) -> StampedMessage:
     """The message in a received ``buffer``; its tensors are views of it, moved to
     ``device`` (None: left where they are). CUDA: reading the header waits for this link only."""
-    code, step = (int(v) for v in layout.header(buffer).tolist())
+    code, step = _read_header(layout.header(buffer))
     if code not in CODE_KINDS:  # the rest is checked in the receive loop (validate.py)
         raise WireViolation(f"stream {stream.name}: step {step}: header kind code {code} is not a message kind")
     payload = layout.payload(buffer)
@@ -467,6 +532,21 @@ class _SendLink(_Link):
 
     pending: deque[tuple[Any, _Slot, int]] = field(default_factory=deque)
     free: list[_Slot] = field(default_factory=list)
+
+
+def _link_streams(links: list[Link], device: torch.device) -> dict[Link, Any]:
+    """A CUDA stream per link. torch hands out streams round-robin from fixed pools (32 per
+    priority); ProcessGroupNCCL takes its internal streams from the low-priority pool, so
+    ours come from the high-priority one, where they never alias an NCCL stream (a receive
+    waiting on a shared stream would hold up another link's send). They must not alias each
+    other either: a rank with more links than the pool holds is refused in one line."""
+    streams = {link: torch.cuda.Stream(device, priority=-1) for link in links}
+    if len({s.cuda_stream for s in streams.values()}) < len(streams):
+        raise TransportError(
+            f"{len(links)} links on one rank share CUDA streams (torch's pool holds 32 per priority); "
+            "use fewer segments per GPU or a method without direct errors (dfa, kickback)"
+        )
+    return streams
 
 
 def _numel(shape: tuple[int, ...]) -> int:
