@@ -182,13 +182,24 @@ class SyntheticBoundary(Boundary):
         """The SG's output in per-example units (what its targets are compared with)."""
         return self.sg(h.detach(), context)
 
+    def tracked_signal(self, h: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the SG's output with its graph to the SG's parameters, ``signal``'s value): the
+        output can train the SG later (``fit_loss``) if the SG has not changed meanwhile."""
+        with torch.enable_grad():
+            out = self.sg(h.detach(), context)
+        return out, out.detach() / h.shape[0]
+
     def sg_loss(
         self, h: torch.Tensor, context: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_SG, SG output): 1/2 ||SG(h, y) - B dL/dh||^2 averaged over the batch, the loss
         in float32 whatever the precision of the SG's forward pass."""
-        batch = h.shape[0]
-        out = self.sg(h.detach(), context)
+        return self.fit_loss(self.sg(h.detach(), context), target)
+
+    @staticmethod
+    def fit_loss(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sg_loss`` given the SG's output ``out`` (with its graph) for the step."""
+        batch = out.shape[0]
         return _half_sq(out.float(), target.detach().float() * batch) / batch, out.detach()
 
 

@@ -67,6 +67,10 @@ class _Pending:
     bootstrap: torch.Tensor | None = None
     stashed: bool = False  # params are this step's own copy of the weights
     seconds: float = 0.0  # compute spent on this step so far (forward, update, targets)
+    # The SG's output behind this step's update, with its graph, and the SG's version then:
+    # the SG's training reuses it if the SG has not learned since (see Stage._train_sg).
+    prediction: torch.Tensor | None = None
+    sg_version: int = -1
 
 
 @dataclass
@@ -200,6 +204,13 @@ class Stage:
         self._stash = (learned and index > 0 and target_mode != "bootstrap") or delayed
         # Late targets (core/staleness.py): only an unlocked SG updates before they arrive.
         self._late = StalenessControl(staleness or StalenessPolicy(), optimizer) if learned else None
+        # An unlocked SG's output for a step's update is what its training on that step's
+        # target computes again, as long as the SG has not learned in between (always in
+        # lockstep; at K=2 on Ray once the stage loop trains on arrived targets before an
+        # update). Kept for SGs without buffers: a batch-norm SG's second forward also moves
+        # its running statistics, which reuse would change. ``_sg_version`` counts SG steps.
+        self.keeps_sg_prediction = learned and not list(boundary.sg.buffers())
+        self._sg_version = 0
 
     # ----------------------------------------------------------------- events
     def forward(self, step: int, x: torch.Tensor, labels: torch.Tensor) -> list[Message]:
@@ -248,7 +259,12 @@ class Stage:
         started = time.perf_counter()
         pending = self._pending[step]
         with autocast(self.precision, pending.x.device):
-            signal = self._clip(self.boundary.signal(pending.h, pending.context, None))
+            if self.keeps_sg_prediction:
+                pending.prediction, signal = self.boundary.tracked_signal(pending.h, pending.context)
+                pending.sg_version = self._sg_version
+            else:
+                signal = self.boundary.signal(pending.h, pending.context, None)
+            signal = self._clip(signal)
         want_bootstrap = self.index > 0 and self.target_mode != "true"
         ok = pending.ok & all_finite(signal)
         self._numerics.record(step, "SG outputs", ok)
@@ -490,17 +506,26 @@ class Stage:
         assert isinstance(boundary, SyntheticBoundary) and self.sg_optimizer is not None
         staleness = self._clock - pending.forward_at
         refresh = self._late is not None and self._late.refresh()
+        # The SG's output made for this step's update is the fitting pass's output if the SG
+        # has not learned since (same weights, same h): one SG forward a step instead of two.
+        # A skipped step's NaNs go into the masked loss, which the masked step ignores.
+        made, pending.prediction = pending.prediction, None
+        reuse = made is not None and not refresh and pending.sg_version == self._sg_version
         with autocast(self.precision, pending.x.device):
             h = self._recompute(pending.x) if refresh else pending.h
             # How good the SG was for this step: its output on the step's own h, before it
             # learns from the target (the fitting pass gives just that, unless h is refreshed).
             prediction = boundary.predict(pending.h, pending.context) if refresh else None
-            # A skipped step's h may hold NaNs: zeros keep them out of the SG's batch norm.
-            h = torch.where(ok, h.detach(), 0)
             with torch.enable_grad():
-                loss, fitted = boundary.sg_loss(h, pending.context, target)
+                if reuse:
+                    loss, fitted = boundary.fit_loss(made, target)
+                else:
+                    # A skipped step's h may hold NaNs: zeros keep them out of the SG's batch norm.
+                    h = torch.where(ok, h.detach(), 0)
+                    loss, fitted = boundary.sg_loss(h, pending.context, target)
         loss.backward()  # into gradients that are None: the last masked_step consumed them
         masked_step(self.sg_optimizer, ok)
+        self._sg_version += 1
         prediction = (fitted if prediction is None else prediction).float()
         scaled = target.float().flatten() * target.shape[0]
         cosine, error = agreement(prediction, scaled)

@@ -131,7 +131,7 @@ class StageLoop:
                 may_feed = stage.pending_steps < self.max_in_flight and stage.takes_input(first + fed)
                 if msg is None and fed < steps and may_feed:
                     x, y = next(inputs)
-                    self._input(first + fed, x, y)
+                    handled += self._input(first + fed, x, y, take_targets=True)
                     fed += 1
                     continue
                 if msg is None:
@@ -187,7 +187,14 @@ class StageLoop:
             self._early.append(msg)
 
     # ---------------------------------------------------------------- events
-    def _input(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _input(self, step: int, x: torch.Tensor, y: torch.Tensor, take_targets: bool = False) -> int:
+        """Forward ``step``, send it up, update. ``take_targets`` (stage 0, async): targets
+        that arrived during the forward are handled between the send and the update (any of
+        this very step after the update). The update then uses an SG that learned from the
+        newest target, and as targets come in step order, no SG training falls between this
+        step's update and its own target unless that target is later than the next step's
+        forward: the SG output the update made serves the SG's training on it
+        (Stage.keeps_sg_prediction). Returns how many messages it handled."""
         measured = self.meter.step_bytes is not None
         for out in self.meter.forward(self.stage, step, x, y):  # send up before updating
             self.transport.send(out)
@@ -197,9 +204,21 @@ class StageLoop:
             pause = self.slow_seconds + self._jitter.uniform(0.0, self.slow_jitter)
             time.sleep(pause)
             self.stage.stats.compute_seconds += pause
+        handled = 0
+        own: list[Message] = []  # this step's own targets (a fast top): after its update
+        while take_targets and (msg := self.transport.try_recv()) is not None:
+            if msg.step == step:
+                own.append(msg)
+            else:
+                self._message(msg)
+                handled += 1
+        handled += len(own)
         for out in self.stage.update(step):
             self.transport.send(out)
+        for msg in own:
+            self._message(msg)
         self._sample()
+        return handled
 
     def _message(self, msg: Message) -> None:
         for out in self.stage.on_message(msg):

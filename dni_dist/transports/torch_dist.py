@@ -53,8 +53,9 @@ Why this cannot deadlock:
 
 The only host read-back is the 16-byte header, copied to pinned memory on the link's
 stream after the receive and read once that copy's event completes: it blocks the link's
-receive thread, never compute (the stage loop needs the kind and step to route a message). Tested over gloo on CPU (K=4, every method:
-tests/test_link_groups.py); NCCL itself needs a GPU per rank and has not run here.
+receive thread, never compute (the stage loop needs the kind and step to route a message).
+Tested over gloo on CPU (K=4, every method: tests/test_link_groups.py); NCCL itself needs a
+GPU per rank and has not run here.
 
 Why not Ray Direct Transport (``@ray.method(tensor_transport="nccl")``, Ray 2.60)? It is
 alpha; each tensor moves per actor-method call and object ref (about 1 ms of control
