@@ -205,10 +205,11 @@ class Stage:
         # Late targets (core/staleness.py): only an unlocked SG updates before they arrive.
         self._late = StalenessControl(staleness or StalenessPolicy(), optimizer) if learned else None
         # An unlocked SG's output for a step's update is what its training on that step's
-        # target computes again, as long as the SG has not learned in between (always in
-        # lockstep; at K=2 on Ray once the stage loop trains on arrived targets before an
-        # update). Kept for SGs without buffers: a batch-norm SG's second forward also moves
-        # its running statistics, which reuse would change. ``_sg_version`` counts SG steps.
+        # target computes again, as long as the SG has not learned in between: always in
+        # lockstep; in a pipeline only when targets come back within a step (at K=2 on the
+        # 2-core machine they come a step later, RESULTS.md). Kept for SGs without buffers:
+        # a batch-norm SG's second forward also moves its running statistics, which reuse
+        # would change. ``_sg_version`` counts the SG's optimiser steps.
         self.keeps_sg_prediction = learned and not list(boundary.sg.buffers())
         self._sg_version = 0
 
