@@ -123,10 +123,12 @@ def plain_backprop(size: Size, device: torch.device) -> dict[str, Any]:
 
 
 class _DeviceTimer:
-    """The device time of one stage's calls: a CUDA event before and after each (on the
-    stream the stage computes on), summed once the window is synchronised. A stage's own
-    ``compute_seconds`` is the CPU's time to *issue* that work (stage.py), which on a GPU
-    says little about the step: launches run ahead, then block when the queue fills."""
+    """The device-timeline span of one stage's calls: a CUDA event before and after each
+    (on the stream the stage computes on), summed once the window is synchronised. A span
+    also holds any time the GPU waited for the CPU to issue the call's kernels, so where
+    launching is the bottleneck (small segments) it comes close to the issue time. A
+    stage's own ``compute_seconds`` is the CPU's time to *issue* its work (stage.py), which
+    on a GPU says little about the step: launches run ahead, then block when the queue fills."""
 
     def __init__(self, stage: Any) -> None:
         self.pairs: list[tuple[Any, Any]] = []
@@ -187,7 +189,7 @@ def local_engine(size: Size, device: torch.device, *extra: str) -> dict[str, Any
     return {
         "settings": list(extra),
         "samples_per_second": _median(rates[1:] or rates),
-        # Device time per step on a GPU (CUDA events); on the CPU the compute's own time.
+        # Device-timeline span per step on a GPU (CUDA events); on the CPU the compute's own time.
         "stage_ms_per_step": per_stage(on_device) if timers else issued,
         "stage_issue_ms_per_step": issued,  # the CPU's time to issue each stage's work
         "windows": rates,
@@ -357,7 +359,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "|---|---|",
         f"| plain PyTorch backprop, samples/s | {rate(r['plain'])} |",
         f"| local engine, sg, samples/s | {rate(stage.get('with_sg', stage))} |",
-        f"| stage ms/step on the device, with SG / without | {stage.get('with_sg', {}).get('stage_ms_per_step')} / "
+        f"| stage ms/step on the device timeline, with SG / without | "
+        f"{stage.get('with_sg', {}).get('stage_ms_per_step')} / "
         f"{stage.get('without_sg', {}).get('stage_ms_per_step')} |",
         f"| stage ms/step to issue (CPU), with SG / without | "
         f"{stage.get('with_sg', {}).get('stage_issue_ms_per_step')} / "

@@ -57,12 +57,11 @@ def test_local_summary_reports_what_a_waiting_step_holds(tmp_path) -> None:
     assert all(s["in_flight_limit"] is None for s in stages)  # lockstep: no limit applies
     low, mid, top = stages
     assert low["peak_pending_steps"] == mid["peak_pending_steps"] == 1 and top["peak_pending_steps"] == 0
-    # stage 0 keeps input (64 x 64 digits), activation, one-hot context and the SG's output
-    # from its update (for the SG's training); no graph of the segment after its update
-    assert low["pending_step_bytes"] == batch * (64 + width + 10 + width) * 4
+    # stage 0 keeps input (64 x 64 digits), activation and one-hot context; no graph after its update
+    assert low["pending_step_bytes"] == batch * (64 + width + 10) * 4
     # stage 1 (Linear + ReLU) keeps its graph and stashed weights (true targets): the graph saved
-    # x, the stashed weight and the ReLU output h, each counted once; and the SG's output
-    assert mid["pending_step_bytes"] == batch * (2 * width + 10 + width) * 4 + (width * width + width) * 4
+    # x, the stashed weight and the ReLU output h, each counted once
+    assert mid["pending_step_bytes"] == batch * (2 * width + 10) * 4 + (width * width + width) * 4
     assert mid["peak_pending_bytes"] == mid["pending_step_bytes"] and top["pending_step_bytes"] == 0
     # ... of which only the stashed weights are a stashed step's own (x and h are kept anyway)
     assert mid["pending_stash_bytes"] == (width * width + width) * 4 and low["pending_stash_bytes"] == 0
@@ -77,8 +76,7 @@ def test_async_loop_uses_the_automatic_limit(mode: str, need: int) -> None:
 def test_a_small_memory_budget_lowers_the_limit() -> None:
     from dni_dist.engines import stage_loop
 
-    # stage 0 holds 150,016 bytes a step: input, activation, context and the SG output of its update
-    cfg = config("segments=3", "dist.pending_memory=350000")
+    cfg = config("segments=3", "dist.pending_memory=200000")  # stage 0 holds 84,480 bytes a step
     seen = []
     original = stage_loop.StageLoop._resolve_limit
 
@@ -91,14 +89,14 @@ def test_a_small_memory_budget_lowers_the_limit() -> None:
         _, reports, _ = run_threaded(cfg, "async", steps=20)
     finally:
         stage_loop.StageLoop._resolve_limit = original
-    assert (0, 2, "memory") in seen  # 350,000 // 150,016 = 2 < 3
+    assert (0, 2, "memory") in seen  # 200,000 // 84,480 = 2 < 3
     assert max(r.max_pending for r in reports[0]) <= 2
 
 
 def test_stages_above_0_keep_their_waiting_steps_within_the_budget() -> None:
-    # stage 1 (true targets) holds 462,336 bytes a step (graph, stashed weights, SG output),
-    # stage 0 150,016: stage 0 may feed its 3, stage 1 holds an activation while 2 steps wait there
-    cfg = config("segments=3", "dist.pending_memory=950000")
+    # stage 1 (true targets) holds 396,800 bytes a step (graph and stashed weights), stage 0
+    # 84,480: stage 0 may feed its 3, stage 1 holds an activation while 2 steps wait there
+    cfg = config("segments=3", "dist.pending_memory=800000")
     stages, reports, _ = run_threaded(cfg, "async", steps=20)
     assert max(r.max_pending for r in reports[1]) <= 2
     assert max(r.max_pending for r in reports[0]) <= 3

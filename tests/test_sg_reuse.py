@@ -72,6 +72,24 @@ def test_an_sg_that_learned_after_the_update_runs_again_on_the_target() -> None:
     assert forwards == [3, 4]  # kept: 2 updates + step 1 again; not kept: 2 updates + 2 trainings
 
 
+def test_only_the_oldest_waiting_steps_output_is_kept() -> None:
+    # Targets held back two steps (sg.delay): a newer step's output could never serve, since
+    # the older steps' targets train the SG first; at most one is kept, and nothing changes.
+    results = []
+    for keep in (True, False):
+        stages, data = stages_for("segments=3", "sg.delay=2")
+        for stage in stages[:-1]:
+            stage.keeps_sg_prediction = keep
+        engine = LocalEngine(stages, delay=2)
+        for i, (x, y) in enumerate(zip(*[t.split(32) for t in first_batch(data, 320)], strict=True)):
+            engine.train_step(x, y)
+            for stage in stages[:-1]:
+                assert i < 2 or stage.pending_steps >= 2  # targets are late: steps wait
+                assert sum(p.prediction is not None for p in stage._pending.values()) <= 1
+        results.append(flat_params(stages))
+    assert torch.equal(*results)
+
+
 def test_an_sg_with_batch_norm_keeps_its_two_forwards() -> None:
     stages, _ = stages_for("segments=2", "sg.kind=mlp")
     assert not stages[0].keeps_sg_prediction  # reuse would move its running statistics once, not twice

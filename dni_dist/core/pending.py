@@ -118,8 +118,7 @@ class PendingMeter:
     Counted: the tensors autograd saved for the step's forward graph where the stage keeps
     that graph until a target arrives (locked methods; stages that stash weights, whose
     copies the graph saves), plus the input, activation and context kept for the SG, plus
-    the bootstrap target a lambda stage holds until the true one comes, plus the SG output
-    an unlocked SG keeps from the update for its training (``keeps_sg_prediction``). Live parameters
+    the bootstrap target a lambda stage holds until the true one comes. Live parameters
     and buffers are not counted: they exist whatever the pipeline's depth.
 
     ``stash_bytes``: the part of ``step_bytes`` that only a step with a weight stash holds
@@ -168,11 +167,8 @@ def _step_bytes(stage: Stage, step: int, saved: list[torch.Tensor]) -> tuple[int
     if not kept:  # not pending (the top; a step evicted at once): it holds nothing
         return 0, 0
     live = {_storage(t) for t in (*stage.module.parameters(), *stage.module.buffers())}
-    h_bytes = kept[1].numel() * kept[1].element_size()
-    # Shaped like h, made after the forward: a lambda stage's bootstrap target, and the SG's
-    # output that made the step's update, kept for the SG's training on the step's target.
-    extra = h_bytes if stage.down_messages_per_step > 1 else 0
-    extra += h_bytes if stage.keeps_sg_prediction else 0
+    extra = kept[1].numel() * kept[1].element_size() if stage.down_messages_per_step > 1 else 0
+    # extra: a lambda stage's bootstrap target, shaped like h
     total = _held(kept + (saved if stage.keeps_graph else []), live) + extra
     if not stage.stashes_weights:
         return total, 0

@@ -209,7 +209,9 @@ class Stage:
         # lockstep; in a pipeline only when targets come back within a step (at K=2 on the
         # 2-core machine they come a step later, RESULTS.md). Kept for SGs without buffers:
         # a batch-norm SG's second forward also moves its running statistics, which reuse
-        # would change. ``_sg_version`` counts the SG's optimiser steps.
+        # would change. ``_sg_version`` counts the SG's optimiser steps. At most one output
+        # (and its graph) is kept at a time, so the pending-memory meter, which budgets
+        # what each waiting step holds, leaves it out like the current step's own tensors.
         self.keeps_sg_prediction = learned and not list(boundary.sg.buffers())
         self._sg_version = 0
 
@@ -260,7 +262,9 @@ class Stage:
         started = time.perf_counter()
         pending = self._pending[step]
         with autocast(self.precision, pending.x.device):
-            if self.keeps_sg_prediction:
+            # Only the oldest waiting step's output can serve: an older step's target would
+            # train the SG first (targets come in step order). So one is kept at a time.
+            if self.keeps_sg_prediction and next(iter(self._pending)) == step:
                 pending.prediction, signal = self.boundary.tracked_signal(pending.h, pending.context)
                 pending.sg_version = self._sg_version
             else:
