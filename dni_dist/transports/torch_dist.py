@@ -545,7 +545,7 @@ def _link_streams(links: list[Link], device: torch.device) -> dict[Link, Any]:
     if len({s.cuda_stream for s in streams.values()}) < len(streams):
         raise TransportError(
             f"{len(links)} links on one rank share CUDA streams (torch's pool holds 32 per priority); "
-            "use fewer segments per GPU or a method without direct errors (dfa, kickback)"
+            "use fewer segments, or a method other than dfa and kickback (their top stage has a link to every stage)"
         )
     return streams
 
