@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import flat_params, stages_for
 
-from dni_dist.core.staleness import StalenessControl, StalenessPolicy
+from dni_dist.core.staleness import StalenessControl, StalenessPolicy, agreement
 from dni_dist.data import batches
 from dni_dist.engines.local import LocalEngine
 
@@ -90,7 +90,7 @@ def test_the_control_is_idle_while_targets_are_fresh() -> None:
     control = StalenessControl(StalenessPolicy(), optimizer)
     target = torch.ones(4, 3)
     for staleness in (0, 1, 2, 2, 2):  # a running mean of 2: not late yet
-        control.observe(torch.zeros(4, 3), target, staleness=staleness)
+        control.observe(agreement(torch.zeros(4, 3), target)[1], staleness=staleness)
     assert control.gate() is None and not control.refresh()
     assert optimizer.param_groups[0]["lr"] == 1e-3
 
@@ -100,14 +100,14 @@ def test_the_control_gates_by_reliability_and_slows_the_segment_when_late() -> N
     optimizer = torch.optim.Adam(segment.parameters(), lr=1e-3)
     control = StalenessControl(StalenessPolicy(delay_lr=1.0), optimizer)
     target = torch.ones(4, 3)
-    control.observe(target, target, staleness=9)  # exact: r = 1
+    control.observe(agreement(target, target)[1], staleness=9)  # exact: r = 1
     assert float(control.gate()) == pytest.approx(1.0)
-    control.observe(torch.zeros(4, 3), target, staleness=9)  # says nothing: r = 0
+    control.observe(agreement(torch.zeros(4, 3), target)[1], staleness=9)  # says nothing: r = 0
     assert float(control.gate()) == pytest.approx(0.9)  # a running mean, not a switch
     assert control.refresh()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / (1 + 3.0))  # 1 + sqrt(9) / 1
     off = StalenessControl(StalenessPolicy(refresh=False, gate="none", delay_lr=0.0), optimizer)
-    off.observe(torch.zeros(4, 3), target, staleness=9)
+    off.observe(agreement(torch.zeros(4, 3), target)[1], staleness=9)
     assert off.gate() is None and not off.refresh()
 
 

@@ -535,7 +535,7 @@ class Stage:
         scaled = target.float().flatten() * target.shape[0]
         cosine, error = agreement(prediction, scaled)
         if self._late is not None:
-            self._late.observe_error(error, staleness, ok)
+            self._late.observe(error, staleness, ok)
         self.stats.sg_updates += 1
         self.stats.sg_masked += (~ok).long()
         # float64 sums: a long run adds millions of terms

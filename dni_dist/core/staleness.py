@@ -97,17 +97,12 @@ class StalenessControl:
             return None
         return self.reliability
 
-    def observe(
-        self, prediction: torch.Tensor, target: torch.Tensor, staleness: int, ok: torch.Tensor | None = None
-    ) -> None:
-        """One arrived target: the SG's prediction for it (same units) and how late it came.
-        ``ok`` false (a skipped, non-finite step, known only on the device): the reliability
-        keeps its value (a first one starts at 0, trusting the SG not at all)."""
-        self.observe_error(agreement(prediction, target)[1], staleness, ok)
-
     @torch.no_grad()
-    def observe_error(self, error: torch.Tensor, staleness: int, ok: torch.Tensor | None = None) -> None:
-        """``observe`` given the prediction's relative squared error (``agreement``)."""
+    def observe(self, error: torch.Tensor, staleness: int, ok: torch.Tensor | None = None) -> None:
+        """One arrived target: the relative squared error of the SG's prediction for it
+        (``agreement``) and how late it came. ``ok`` false (a skipped, non-finite step, known
+        only on the device): the reliability keeps its value (a first one starts at 0,
+        trusting the SG not at all)."""
         r = (1.0 - error).clamp_min(0.0)
         if self.reliability is None:  # the first target: the means start at its values
             self.reliability = r if ok is None else torch.where(ok, r, 0.0)

@@ -190,10 +190,9 @@ class StageLoop:
     def _input(self, step: int, x: torch.Tensor, y: torch.Tensor, take_targets: bool = False) -> int:
         """Forward ``step``, send it up, update. ``take_targets`` (stage 0, async): targets
         that arrived during the forward are handled between the send and the update (any of
-        this very step after the update). The update then uses an SG that learned from the
-        newest target, and as targets come in step order, no SG training falls between this
-        step's update and its own target unless that target is later than the next step's
-        forward: the SG output the update made serves the SG's training on it
+        this very step after the update), so the update uses an SG that learned from the
+        newest target, and a step whose older steps are all done by then is the oldest
+        waiting one at its update, whose SG output can serve its training
         (Stage.keeps_sg_prediction). Returns how many messages it handled."""
         measured = self.meter.step_bytes is not None
         for out in self.meter.forward(self.stage, step, x, y):  # send up before updating
