@@ -4,7 +4,9 @@ The local engine with ``sg.delay=D`` delivers every SG target D steps late, acro
 boundaries (the engine is driven directly, so nothing drains it between epochs). Each row
 trains for ``--epochs`` from scratch and reports test accuracy per seed and the median;
 ``before`` turns off refresh, gate and delay-aware lr (main before the staleness work),
-``after`` is the default configuration. Writes a markdown table to stdout and, with
+``after`` is the default configuration, ``lag1`` and ``lag1-plain`` train the SG on the
+outputs its updates used up to one SG step late (``sg.reuse_lag=1``), with and without the
+late-target measures. Writes a markdown table to stdout and, with
 ``--out``, JSON and a PNG figure of accuracy against D.
 
     python benchmarks/staleness.py [--delays 0 8 32] [--seeds 0 1 2] [--segments 2]
@@ -31,6 +33,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "refresh": ("sg.gate=none", "sg.delay_lr=0"),
     "refresh+lr": ("sg.gate=none",),
     "after": (),
+    "lag1": ("sg.reuse_lag=1",),
+    "lag1-plain": ("sg.reuse_lag=1", "sg.refresh=false", "sg.gate=none", "sg.delay_lr=0"),
+    "lag64-plain": ("sg.reuse_lag=64", "sg.refresh=false", "sg.gate=none", "sg.delay_lr=0"),
     "ddg": ("method=ddg",),
     # FDG's kind of setting: SGD with momentum, the delayed gradient shrunk by 0.5 (FDG's lr of
     # 0.1 diverges on this MLP from a delay of 4; 0.01 trains).

@@ -320,7 +320,7 @@ def build_stages(config: TrainConfig, input_shape: tuple[int, ...], task: Task, 
                 nan_limit=config.nan_limit,
                 sg_clip=config.sg.clip,
                 micro_batches=config.dist.micro_batches,
-                staleness=StalenessPolicy(config.sg.refresh, config.sg.gate, config.sg.delay_lr),
+                staleness=StalenessPolicy(config.sg.refresh, config.sg.gate, config.sg.delay_lr, config.sg.reuse_lag),
                 precision=config.precision,
                 stash_versions=config.stash_versions,
             )

@@ -62,6 +62,9 @@ class SGConfig(SGSpec):
     refresh: bool = True
     gate: str = "reliability"
     delay_lr: float = 1.0
+    # The SG's output for a step's update also trains it on the step's target if the SG took
+    # at most this many steps in between (core/staleness.py); 0 = exact.
+    reuse_lag: int = 0
 
 
 @dataclass
@@ -277,6 +280,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "sg.lr": (0.0, None),
     "sg.window": (1, 1 << 24),
     "sg.delay": (0, 1 << 20),
+    "sg.reuse_lag": (0, 1 << 20),
     "sg.delay_lr": (0.0, None),
     "data.batch_size": (1, 1 << 24),
     "data.dim": (1, 1 << 20),

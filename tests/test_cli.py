@@ -88,6 +88,8 @@ def test_yaml_config_then_flags_override(tmp_path) -> None:
         (["--set", "sg.gate=cosine"], "sg.gate='cosine'"),
         (["--set", "sg.delay_lr=-1"], "sg.delay_lr=-1"),
         (["--set", "sg.refresh=maybe"], "sg.refresh='maybe'"),
+        (["--set", "sg.reuse_lag=-1"], "sg.reuse_lag=-1"),
+        (["--set", "sg.reuse_lag=one"], "sg.reuse_lag='one'"),
         (["--set", "dist.max_in_flight=-1"], "dist.max_in_flight=-1"),
         (["--set", "dist.max_in_flight=auto"], "dist.max_in_flight='auto'"),
         (["--set", "dist.pending_memory=-5"], "dist.pending_memory=-5"),

@@ -156,3 +156,22 @@ def test_a_bounded_stash_raises_the_steps_that_fit_the_pending_budget(capsys) ->
     # 1.2 MB: two steps with a weight copy (515 KiB each); one copy, then 130 KiB a step: the need, 4
     assert (waiting(every), waiting(bounded)) == (2, 4)
     assert "stash 0 B" not in bounded
+
+
+def test_with_a_reuse_lag_a_waiting_step_counts_its_kept_sg_output(capsys) -> None:
+    # digits, K=2, batch 64: the cut's activation is 64 x 256 float32 = 64 KiB; the run's meter
+    # and the estimate both add one such output per waiting step.
+    from dni_dist.core.pending import PendingMeter
+
+    grows = []
+    for lag in (0, 1):
+        assert cli.main(["train", "--check", "--segments", "2", "--set", f"sg.reuse_lag={lag}"]) == 0
+        line = capsys.readouterr().out.splitlines()[3]
+        estimate = _bytes_of(line.split("pending 1 x ")[1].split(",")[0])
+        stages, data = stages_for("segments=2", f"sg.reuse_lag={lag}")
+        meter = PendingMeter()
+        meter.forward(stages[0], 0, *next(batches(data.x_train, data.y_train, 64, 0, 0)))
+        grows.append((estimate, meter.step_bytes))
+    (estimate_0, measured_0), (estimate_1, measured_1) = grows
+    assert measured_1 - measured_0 == 64 * 256 * 4
+    assert abs(estimate_1 - estimate_0 - 64 * 256 * 4) < 1024  # the printed sizes are rounded

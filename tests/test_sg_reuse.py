@@ -1,5 +1,7 @@
-"""An SG's output made for a step's update also trains the SG on that step's target, when
-the SG has not learned in between: one SG forward a step instead of two, the same numbers."""
+"""An SG's output made for a step's update also trains the SG on that step's target: when
+the SG has not learned in between, the same numbers as a second forward; with
+sg.reuse_lag=L also after up to L SG steps, as the gradient of the loss at the SG's weights
+of the update. One SG forward a step instead of two."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from threaded import run_threaded
 
 from dni_dist.config import load_config
 from dni_dist.core.messages import Kind
+from dni_dist.core.methods import SyntheticBoundary
+from dni_dist.core.synthetic import SGSpec, build_sg
 from dni_dist.engines.local import LocalEngine
 
 
@@ -47,7 +51,23 @@ def test_lockstep_runs_the_sg_once_a_step() -> None:
     assert calls[0] == 10
 
 
-def test_an_sg_that_learned_after_the_update_runs_again_on_the_target() -> None:
+def _two_steps_in_flight(low, top, data, on_grad=None) -> None:
+    """Stage 0 forwards and updates steps 0 and 1 before either target comes back."""
+    x, y = first_batch(data, 32)
+    ups = []
+    for step in (0, 1):
+        (up,) = low.forward(step, x[step::2], y[step::2])
+        low.update(step)
+        ups.append(up)
+    for up in ups:
+        (grad,) = top.forward(up.step, up.tensor, up.labels)
+        assert grad.kind is Kind.GRAD
+        if on_grad is not None:
+            on_grad(grad)
+        low.on_message(grad)
+
+
+def test_by_default_an_sg_that_learned_after_the_update_runs_again() -> None:
     """Two steps in flight: step 1's update used the SG before it learned from step 0's
     target, so its training must not reuse that output; the result is a second forward's."""
     results, forwards = [], []
@@ -56,23 +76,53 @@ def test_an_sg_that_learned_after_the_update_runs_again_on_the_target() -> None:
         low, top = stages
         low.keeps_sg_prediction = keep
         calls = _count_sg_forwards(low)
-        x, y = first_batch(data, 32)
-        ups = []
-        for step in (0, 1):
-            (up,) = low.forward(step, x[step::2], y[step::2])
-            low.update(step)
-            ups.append(up)
-        for up in ups:
-            (grad,) = top.forward(up.step, up.tensor, up.labels)
-            assert grad.kind is Kind.GRAD
-            low.on_message(grad)
+        _two_steps_in_flight(low, top, data)
         results.append(flat_params(stages))
         forwards.append(calls[0])
     assert torch.equal(*results)
     assert forwards == [3, 4]  # kept: 2 updates + step 1 again; not kept: 2 updates + 2 trainings
 
 
-def test_only_the_oldest_waiting_steps_output_is_kept() -> None:
+def test_with_a_reuse_lag_the_sg_learns_from_the_output_its_update_used() -> None:
+    """sg.reuse_lag=1: step 1's target trains the SG through the output step 1's update used,
+    made before the SG learned from step 0's target: the gradient is the fitting loss's at
+    those older weights (not at the current ones), and the SG runs once a step."""
+    stages, data = stages_for("segments=2", "sg.reuse_lag=1")
+    low, top = stages
+    assert low.reuse_lag == 1
+    sg = low.boundary.sg
+    calls = _count_sg_forwards(low)
+    grads: dict[str, torch.Tensor] = {}
+    for name, p in sg.named_parameters():
+        p.register_hook(lambda g, name=name: grads.__setitem__(name, g.clone()))
+    before = {n: p.detach().clone() for n, p in sg.named_parameters()}  # what both updates used
+    arrived = []  # (target, the step's h and context), as each target comes
+    _two_steps_in_flight(
+        low,
+        top,
+        data,
+        lambda grad: arrived.append((grad.tensor, low._pending[grad.step].h, low._pending[grad.step].context)),
+    )
+    assert calls[0] == 2
+    target, h, context = arrived[1]
+    now = {n: p.detach().clone() for n, p in sg.named_parameters()}  # after learning from both
+    for weights, used in ((before, True), (now, False)):
+        weights = {n: w.requires_grad_(True) for n, w in weights.items()}
+        loss, _ = SyntheticBoundary.fit_loss(torch.func.functional_call(sg, weights, (h.detach(), context)), target)
+        expected = torch.autograd.grad(loss, list(weights.values()))
+        assert all(torch.allclose(grads[n], e, atol=1e-7) for n, e in zip(weights, expected, strict=True)) == used
+
+
+def _delayed_run(*overrides: str, steps: int = 10):
+    """K=3, targets held back two steps (sg.delay): yields after each step."""
+    stages, data = stages_for("segments=3", "sg.delay=2", *overrides)
+    engine = LocalEngine(stages, delay=2)
+    for i, (x, y) in enumerate(zip(*[t.split(32) for t in first_batch(data, 32 * steps)], strict=True)):
+        engine.train_step(x, y)
+        yield i, stages
+
+
+def test_by_default_only_the_oldest_waiting_steps_output_is_kept() -> None:
     # Targets held back two steps (sg.delay): a newer step's output could never serve, since
     # the older steps' targets train the SG first; at most one is kept, and nothing changes.
     results = []
@@ -88,6 +138,65 @@ def test_only_the_oldest_waiting_steps_output_is_kept() -> None:
                 assert sum(p.prediction is not None for p in stage._pending.values()) <= 1
         results.append(flat_params(stages))
     assert torch.equal(*results)
+
+
+@pytest.mark.parametrize(("lag", "forwards"), [(2, 9), (1, 15)])
+def test_the_oldest_lag_plus_one_waiting_steps_keep_their_outputs(lag: int, forwards: int) -> None:
+    # Targets two steps late: from step 2 on, two SG steps come between a step's update and
+    # its training. Counted from step 1 on: with a lag of 2 every output serves and the SG
+    # runs once a step (steps 1-9's updates); with 1, only steps 0 and 1's outputs serve, the
+    # other 6 trainings (steps 2-7) run the SG again, and at most two are kept meanwhile.
+    counted = None
+    for i, stages in _delayed_run("sg.refresh=false", f"sg.reuse_lag={lag}"):  # a refresh recomputes h
+        if counted is None:
+            counted = [_count_sg_forwards(s) for s in stages[:-1]]  # from step 1 on
+        for stage in stages[:-1]:
+            assert i < 2 or stage.pending_steps >= 2
+            kept = [p.prediction is not None for p in stage._pending.values()]
+            assert sum(kept) <= lag + 1 and (lag < 2 or all(kept))
+    assert [c[0] for c in counted] == [forwards, forwards]
+
+
+def test_an_sg_whose_kept_output_cannot_train_it_ignores_the_lag() -> None:
+    # Low rank: the backward pass of U needs V, which the SG's steps changed in place.
+    for _, stages in _delayed_run("sg.kind=lowrank", "sg.reuse_lag=2"):
+        for stage in stages[:-1]:
+            assert stage.keeps_sg_prediction and stage.reuse_lag == 0
+            assert sum(p.prediction is not None for p in stage._pending.values()) <= 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "fits"),
+    [
+        (SGSpec(), True),
+        (SGSpec(conditioned=False, wrapper="sigmoid", scale=0.5), True),
+        (SGSpec(kind="mlp", hidden_layers=0), True),
+        (SGSpec(kind="lowrank", rank=4), False),
+        (SGSpec(kind="mlp", hidden=8, hidden_layers=1), False),  # batch norm, and a second layer
+    ],
+)
+def test_an_sg_says_whether_an_output_made_before_its_steps_still_trains_it(spec: SGSpec, fits: bool) -> None:
+    torch.manual_seed(0)
+    sg = build_sg(spec, (6,), 3)
+    for p in sg.parameters():  # away from the zero start, so every layer carries a gradient
+        torch.nn.init.normal_(p, std=0.3)
+    h, context, target = torch.randn(5, 6), torch.eye(3)[torch.arange(5) % 3], torch.randn(5, 6)
+    old = {n: p.detach().clone().requires_grad_(True) for n, p in sg.named_parameters()}
+    kept = sg(h, context)
+    optimizer = torch.optim.SGD(sg.parameters(), lr=0.1)
+    sg(h, context).square().sum().backward()
+    optimizer.step()  # the SG learned from another target, in place
+    optimizer.zero_grad()
+    assert sg.fits_kept_outputs == fits
+    try:
+        SyntheticBoundary.fit_loss(kept, target)[0].backward()
+    except RuntimeError as exc:  # autograd: a weight the backward needs was changed in place
+        assert not fits, exc
+        return
+    loss, _ = SyntheticBoundary.fit_loss(torch.func.functional_call(sg, old, (h, context)), target)
+    expected = torch.autograd.grad(loss, list(old.values()))
+    same = all(torch.allclose(p.grad, e, atol=1e-6) for p, e in zip(sg.parameters(), expected, strict=True))
+    assert same and fits  # a batch-norm SG would train, but its forward moved the statistics
 
 
 def test_an_sg_with_batch_norm_keeps_its_two_forwards() -> None:

@@ -118,8 +118,9 @@ class PendingMeter:
     Counted: the tensors autograd saved for the step's forward graph where the stage keeps
     that graph until a target arrives (locked methods; stages that stash weights, whose
     copies the graph saves), plus the input, activation and context kept for the SG, plus
-    the bootstrap target a lambda stage holds until the true one comes. Live parameters
-    and buffers are not counted: they exist whatever the pipeline's depth.
+    the bootstrap target a lambda stage holds until the true one comes, plus the SG output
+    kept to train the SG on (``Stage.reuse_lag`` > 0). Live parameters and buffers are not
+    counted: they exist whatever the pipeline's depth.
 
     ``stash_bytes``: the part of ``step_bytes`` that only a step with a weight stash holds
     (the copies and the graph built on them). The first step always gets a stash, so it is
@@ -167,8 +168,10 @@ def _step_bytes(stage: Stage, step: int, saved: list[torch.Tensor]) -> tuple[int
     if not kept:  # not pending (the top; a step evicted at once): it holds nothing
         return 0, 0
     live = {_storage(t) for t in (*stage.module.parameters(), *stage.module.buffers())}
-    extra = kept[1].numel() * kept[1].element_size() if stage.down_messages_per_step > 1 else 0
-    # extra: a lambda stage's bootstrap target, shaped like h
+    h_bytes = kept[1].numel() * kept[1].element_size()
+    # extra, each shaped like h: a lambda stage's bootstrap target; the SG output kept for
+    # the SG's training with sg.reuse_lag (its graph saves h and the context, held anyway)
+    extra = h_bytes * ((stage.down_messages_per_step > 1) + (stage.reuse_lag > 0))
     total = _held(kept + (saved if stage.keeps_graph else []), live) + extra
     if not stage.stashes_weights:
         return total, 0

@@ -33,6 +33,7 @@ weight stashing would). 0 stashes every pending step (exact; bounded by the in-f
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections import OrderedDict
@@ -203,17 +204,23 @@ class Stage:
         delayed = boundary is not None and boundary.runs_ahead
         self._stash = (learned and index > 0 and target_mode != "bootstrap") or delayed
         # Late targets (core/staleness.py): only an unlocked SG updates before they arrive.
-        self._late = StalenessControl(staleness or StalenessPolicy(), optimizer) if learned else None
+        policy = staleness or StalenessPolicy()
+        self._late = StalenessControl(policy, optimizer) if learned else None
         # An unlocked SG's output for a step's update is what its training on that step's
         # target computes again, as long as the SG has not learned in between: always in
         # lockstep; in a pipeline only when targets come back within a step (at K=2 on the
         # 2-core machine they come a step later, RESULTS.md). Kept for SGs without buffers:
         # a batch-norm SG's second forward also moves its running statistics, which reuse
-        # would change. ``_sg_version`` counts the SG's optimiser steps. At most one output
-        # (and its graph) is kept at a time, so the pending-memory meter, which budgets
-        # what each waiting step holds, leaves it out like the current step's own tensors.
+        # would change. ``_sg_version`` counts the SG's optimiser steps.
         self.keeps_sg_prediction = learned and not list(boundary.sg.buffers())
         self._sg_version = 0
+        # sg.reuse_lag L > 0: the output also trains the SG after up to L SG steps (a gradient
+        # that old; at K=2 a pipeline's targets come one SG step late). Targets come in step
+        # order, so a step with more than L older steps waiting at its update cannot reuse:
+        # only the oldest L + 1 waiting steps keep their outputs. The pending-memory meter,
+        # which budgets what each waiting step holds, counts an output per step when L > 0.
+        fits = self.keeps_sg_prediction and boundary.sg.fits_kept_outputs
+        self.reuse_lag = policy.reuse_lag if fits else 0
 
     # ----------------------------------------------------------------- events
     def forward(self, step: int, x: torch.Tensor, labels: torch.Tensor) -> list[Message]:
@@ -262,9 +269,7 @@ class Stage:
         started = time.perf_counter()
         pending = self._pending[step]
         with autocast(self.precision, pending.x.device):
-            # Only the oldest waiting step's output can serve: an older step's target would
-            # train the SG first (targets come in step order). So one is kept at a time.
-            if self.keeps_sg_prediction and next(iter(self._pending)) == step:
+            if self.keeps_sg_prediction and step in itertools.islice(self._pending, self.reuse_lag + 1):
                 pending.prediction, signal = self.boundary.tracked_signal(pending.h, pending.context)
                 pending.sg_version = self._sg_version
             else:
@@ -512,17 +517,21 @@ class Stage:
         staleness = self._clock - pending.forward_at
         refresh = self._late is not None and self._late.refresh()
         # The SG's output made for this step's update is the fitting pass's output if the SG
-        # has not learned since (same weights, same h): one SG forward a step instead of two.
-        # A skipped step's NaNs go into the masked loss, which the masked step ignores.
+        # has not learned since (same weights, same h), and with sg.reuse_lag it trains the SG
+        # after that many SG steps too: one SG forward a step instead of two. A skipped step's
+        # NaNs go into the masked loss, which the masked step ignores.
         made, pending.prediction = pending.prediction, None
-        reuse = made is not None and not refresh and pending.sg_version == self._sg_version
+        usable = made is not None and self._sg_version - pending.sg_version <= self.reuse_lag
         with autocast(self.precision, pending.x.device):
             h = self._recompute(pending.x) if refresh else pending.h
             # How good the SG was for this step: its output on the step's own h, before it
-            # learns from the target (the fitting pass gives just that, unless h is refreshed).
-            prediction = boundary.predict(pending.h, pending.context) if refresh else None
+            # learns from the target (the fitting pass gives just that, unless h is refreshed;
+            # then the kept output, when usable, or one more SG forward).
+            prediction = None
+            if refresh:
+                prediction = made.detach() if usable else boundary.predict(pending.h, pending.context)
             with torch.enable_grad():
-                if reuse:
+                if usable and not refresh:
                     loss, fitted = boundary.fit_loss(made, target)
                 else:
                     # A skipped step's h may hold NaNs: zeros keep them out of the SG's batch norm.

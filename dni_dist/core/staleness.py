@@ -50,10 +50,20 @@ class StalenessPolicy:
     refresh: bool = True
     gate: str = "reliability"
     delay_lr: float = 1.0  # 0 = the segment's learning rate does not depend on staleness
+    # The SG's output made for a step's update also trains the SG on the step's target if
+    # the SG took at most this many optimiser steps in between (one SG forward a step
+    # instead of two). 0: only if it took none, the same numbers as a second forward. Above
+    # 0 the SG learns from a gradient up to that many of its steps old (the DNI paper's
+    # form: an SG trains on the prediction it made), which costs accuracy on some cuts
+    # (benchmarks/RESULTS.md, "Issue 14, sixth round"). Only SGs whose kept outputs can
+    # still train them (SyntheticGradient.fits_kept_outputs) go above 0.
+    reuse_lag: int = 0
 
     def __post_init__(self) -> None:
         if self.gate not in GATES:
             raise ValueError(f"gate={self.gate!r} is unknown; use one of {', '.join(GATES)}")
+        if self.reuse_lag < 0:
+            raise ValueError(f"reuse_lag={self.reuse_lag} must be >= 0")
         if self.delay_lr < 0 or not math.isfinite(self.delay_lr):
             raise ValueError(f"delay_lr={self.delay_lr} must be a finite number >= 0")
 

@@ -83,6 +83,15 @@ class SyntheticGradient(nn.Module):
         start = -_wrap(wrapper, torch.zeros(1, *self.feature_shape))[0]
         self.bias = nn.Parameter(start.clone())
 
+    @property
+    def fits_kept_outputs(self) -> bool:
+        """Can an output made before the SG's optimiser steps still train it afterwards?
+        Yes for one layer between h (and the labels) and the output: each parameter's
+        gradient then needs only the layer's inputs, which do not change. With more layers
+        the backward pass reads the later layers' weights, which the steps changed in place
+        (autograd refuses), and a batch-norm SG's forward moves its statistics."""
+        return getattr(self.core, "single_layer", False) and not list(self.buffers())
+
     def forward(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if tuple(h.shape[1:]) != self.feature_shape:
             raise ValueError(
@@ -126,6 +135,8 @@ class TokenSyntheticGradient(SyntheticGradient):
 class _LinearCore(nn.Module):
     """z = flatten(h) A, A zero-initialised."""
 
+    single_layer = True
+
     def __init__(self, numel: int) -> None:
         super().__init__()
         self.A = nn.Linear(numel, numel, bias=False)
@@ -154,6 +165,7 @@ class _MLPCore(nn.Module):
     def __init__(self, numel: int, context_dim: int, hidden: int, layers: int) -> None:
         super().__init__()
         self.context_dim = context_dim
+        self.single_layer = layers == 0
         blocks: list[nn.Module] = []
         width = numel + context_dim
         for _ in range(layers):

@@ -3,11 +3,12 @@
 Computed from the plan on PyTorch's ``meta`` device (no memory allocated), per stage:
 parameters, their gradients, optimiser state (Adam: two moments; SGD with momentum: one),
 the SG boundary (its parameters, gradients and optimiser state), the weight stash, the
-steps waiting for targets (input, activation, labels' context and, where the stage keeps
-it, the forward graph's saved tensors, counted by saved-tensor hooks as core/pending.py
-does at run time) times the steps that may wait, and the working set of the step being
-computed. With ``precision=bf16`` activations count two bytes and the autocast weight
-copies are added. Stage 0's training set counts where the run would put it on the GPU
+steps waiting for targets (input, activation, labels' context, with ``sg.reuse_lag`` the SG
+output kept for its training and, where the stage keeps it, the forward graph's saved
+tensors, counted by saved-tensor hooks as core/pending.py does at run time) times the
+steps that may wait, and the working set of the step being computed. With
+``precision=bf16`` activations count two bytes and the autocast weight copies are added.
+Stage 0's training set counts where the run would put it on the GPU
 (``data.device.fits_on_device``, the rule the run itself applies, taken against the whole
 device since its free memory is known only then). It is an estimate: allocator slack and
 the CUDA context (several hundred MiB) are not in it.
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from dni_dist.config import TrainConfig
-from dni_dist.core.methods import Boundary
+from dni_dist.core.methods import Boundary, SyntheticBoundary
 from dni_dist.core.pending import CPU_PENDING_MEMORY, GPU_PENDING_FRACTION, in_flight_limit, steps_within
 from dni_dist.data.device import fits_on_device
 from dni_dist.errors import ConfigError
@@ -182,6 +183,8 @@ def estimate(
             step_bytes = x_bytes + h_bytes + batch * output_values * 4
             if boundary.waits_for != "nothing" and not stashes:
                 step_bytes += graph
+            if config.sg.reuse_lag and _reuses_sg_output(boundary):  # its kept SG output, shaped like h
+                step_bytes += h_bytes
             budget = config.dist.pending_memory or where[k].pending_default
             copy = params + graph if stashes else 0  # what a step with a weight copy adds
             pending_steps = _waiting_steps(config, k, boundary, step_bytes + copy, copy, budget)
@@ -194,6 +197,12 @@ def estimate(
         )
         out.append(memory)
     return out
+
+
+def _reuses_sg_output(boundary: Boundary) -> bool:
+    """Does a stage at this boundary keep SG outputs with ``sg.reuse_lag`` > 0 (Stage.reuse_lag)?"""
+    learned = isinstance(boundary, SyntheticBoundary) and not boundary.update_locked
+    return learned and boundary.sg.fits_kept_outputs
 
 
 def _data_on_device(device: Device, train_bytes: int) -> bool:
