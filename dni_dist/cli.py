@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--method", help="backprop | sg | sg-prop | fa | dfa | kickback")
     train.add_argument("--segments", help="number of segments K (K-1 cuts)")
     train.add_argument("--runtime", help="local (one process, lockstep) | ray (one actor per segment)")
-    train.add_argument("--transport", help="gloo (CPU) | nccl (one GPU per segment) | grpc, for runtime=ray")
+    train.add_argument(
+        "--transport", help="gloo (CPU) | nccl (one GPU per segment) | grpc | shm (one machine), for runtime=ray"
+    )
     train.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     train.add_argument("--schedule", help="async (unlocked, default) | lockstep (the local engine's order)")
     train.add_argument("--dataset", help="digits | mnist | cifar10 | artificial | mnist1d | text | digits16")

@@ -36,7 +36,7 @@ from dni_dist.models import ACTIVATIONS, MODEL_KINDS, ModelSpec
 from dni_dist.transports.addresses import is_loopback
 
 RUNTIMES = ("local", "ray")
-TRANSPORTS = ("gloo", "nccl", "grpc")
+TRANSPORTS = ("auto", "gloo", "nccl", "grpc", "shm")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -193,7 +193,9 @@ class TrainConfig:
     # ("cost"), or by parameter count ("params").
     balance: str = "cost"
     runtime: str = "local"
-    transport: str = "gloo"
+    # auto: shared memory (shm) with an embedded Ray (every stage on this machine), gloo on
+    # a cluster; the run's summary.json says which (engines/ray_engine.py, choose_transport).
+    transport: str = "auto"
     epochs: int = 10
     seed: int = 0
     out: str = "runs/latest"

@@ -102,6 +102,9 @@ def run(
     except BaseException:
         monitor.close()
         raise
+    transport = getattr(engine, "config", config).transport  # transport=auto: what the Ray engine chose
+    if config.runtime == "ray":
+        monitor.hub.transport = transport
     keeper = CheckpointKeeper(config, steps_per_epoch)
     train_seconds = 0.0
     samples = 0
@@ -163,7 +166,7 @@ def run(
         "method": config.method,
         "segments": config.segments,
         "runtime": config.runtime,
-        "transport": config.transport if config.runtime != "local" else None,
+        "transport": transport if config.runtime != "local" else None,
         "schedule": config.dist.schedule if config.runtime != "local" else "lockstep",
         "dataset": dataset.name,
         "loss": dataset.task.loss_name,

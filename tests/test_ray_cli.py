@@ -95,6 +95,23 @@ def test_ray_job_submit_runs_the_cli_on_a_cluster(tmp_path) -> None:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
+def test_the_laptop_command_runs_over_shared_memory_and_leaves_nothing_behind(tmp_path) -> None:
+    # README's laptop command without --transport: the default (auto) takes shared memory
+    # with an embedded Ray, and the rings' files are gone once both ends have them.
+    shm = Path("/dev/shm")
+    before = set(shm.glob("dni-*")) if shm.is_dir() else set()
+    cmd = [sys.executable, "-m", "dni_dist", "train", "--runtime", "ray", "--segments", "2", "--epochs", "3"]
+    done = subprocess.run(
+        [*cmd, "--out", str(tmp_path), "--quiet"], env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["transport"] == "shm" and summary["test_accuracy"] > 0.8
+    assert all(s["dropped_targets"] == 0 for s in summary["stages"])
+    if shm.is_dir():
+        assert set(shm.glob("dni-*")) == before
+
+
 def test_ctrl_c_stops_every_actor(tmp_path) -> None:
     cmd = [
         sys.executable,

@@ -53,6 +53,9 @@ def _local_states(overrides: tuple[str, ...], epochs: int) -> list[dict[str, dic
         # bf16 on the wire: both transports carry the stream's dtype byte for byte.
         pytest.param(("method=sg", "sg.target=true", "segments=3", "precision=bf16"), "gloo", marks=pytest.mark.slow),
         pytest.param(("method=dfa", "segments=3", "precision=bf16"), "grpc", marks=pytest.mark.slow),
+        # shared memory: a middle stage with two inbound rings; direct errors, top to every stage
+        (("method=sg", "sg.target=true", "segments=3"), "shm"),
+        (("method=dfa", "segments=3", "precision=bf16"), "shm"),
     ],
     ids=[
         "sg-true-gloo",
@@ -63,6 +66,8 @@ def _local_states(overrides: tuple[str, ...], epochs: int) -> list[dict[str, dic
         "ddg-gloo",
         "sg-true-bf16-gloo",
         "dfa-bf16-grpc",
+        "sg-true-shm",
+        "dfa-bf16-shm",
     ],
 )
 def test_lockstep_ends_with_the_local_engines_parameters(overrides: tuple[str, ...], transport: str) -> None:
@@ -98,7 +103,7 @@ def _settled_accuracy(out, last: int = 3) -> float:
     return sum(accuracies[-last:]) / last
 
 
-@pytest.mark.parametrize("transport", ["gloo", "grpc"])
+@pytest.mark.parametrize("transport", ["gloo", "grpc", "shm"])
 def test_async_k2_reaches_the_local_accuracy_band(tmp_path, transport: str) -> None:
     local = train(config(SETTLED, f"out={tmp_path / 'local'}"))
     distributed = train(config(*RAY, SETTLED, f"transport={transport}", "segments=2", f"out={tmp_path / 'ray'}"))

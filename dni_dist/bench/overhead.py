@@ -2,7 +2,8 @@
 
 One run trains the same config (digits, the default model and method, K=2 unless
 ``--segments`` says otherwise) on the local engine (one torch thread, as each actor has)
-and on the Ray engine, their epochs interleaved so that the load of a shared machine hits
+and on the Ray engine (its default transport, which on the bench's own Ray is shared
+memory; ``--set transport=gloo`` for gloo), their epochs interleaved so that the load of a shared machine hits
 each alike; the first epoch of each is left out as warm-up. Besides wall time it reports
 CPU time per step (every thread of the driver, or of each actor process, from /proc): on
 a shared machine wall time moves with the neighbours' load, CPU time hardly does, so the
@@ -33,10 +34,12 @@ from dni_dist.errors import ConfigError
 def configs(
     segments: int, settings: list[str], cpus_per_stage: float, batch_size: int | None
 ) -> tuple[TrainConfig, TrainConfig]:
-    """The local and the Ray config: identical but for the runtime."""
+    """The local and the Ray config: identical but for the runtime. The Ray run takes the
+    default transport (auto: shared memory on this machine's own Ray) unless ``settings``
+    name one (``transport=gloo``)."""
     common = [f"segments={segments}", *([f"data.batch_size={batch_size}"] if batch_size else []), *settings]
     local = load_config(overrides=[*common, "runtime=local"])
-    ray_cfg = load_config(overrides=[*common, "runtime=ray", "transport=gloo", f"dist.cpus_per_stage={cpus_per_stage}"])
+    ray_cfg = load_config(overrides=[*common, "runtime=ray", f"dist.cpus_per_stage={cpus_per_stage}"])
     return local, ray_cfg
 
 
@@ -124,7 +127,9 @@ def measure(local_cfg: TrainConfig, ray_cfg: TrainConfig, windows: int, threads:
                 engine.epoch(epoch)
     finally:
         ray_run.close()
-    return [e.summary(local_cfg.data.batch_size, warmup=1) for e in engines]
+    summaries = [e.summary(local_cfg.data.batch_size, warmup=1) for e in engines]
+    summaries[-1]["transport"] = ray_run.config.transport  # what transport=auto chose
+    return summaries
 
 
 def _summarise(
@@ -211,6 +216,7 @@ def run(
             "settings": list(settings or []),
             "batch_size": ray_cfg.data.batch_size,
             "method": ray_cfg.method,
+            "transport": distributed["transport"],
             "dataset": ray_cfg.data.name,
             "machine": machine([k], cpus),
         },
@@ -235,7 +241,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"- command: `{m['command']}`",
         f"- {s['dataset']}, method {s['method']}, K={s['segments']}, batch {s['batch_size']}, "
-        f"{s['cpus_per_stage']:g} CPU per actor, gloo; settings: {' '.join(s['settings']) or 'none'}",
+        f"{s['cpus_per_stage']:g} CPU per actor, {s.get('transport', 'gloo')}; "
+        f"settings: {' '.join(s['settings']) or 'none'}",
         f"- {s['windows']} epochs per engine, the first left out; medians of the rest",
         f"- machine: {m['cpu_count']} CPUs, torch {m['torch']}, {m['date']}",
         "",

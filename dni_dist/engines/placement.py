@@ -143,6 +143,16 @@ def stage_bundles(bundle_nodes: Sequence[str]) -> list[int]:
     return [bundle for bundles in order.values() for bundle in bundles]
 
 
+def check_one_machine(transport: str, bundle_nodes: Sequence[str]) -> None:
+    """Shared memory joins stages on one machine only: say so now, in one line."""
+    nodes = len(set(bundle_nodes))
+    if transport == "shm" and nodes > 1:
+        raise ConfigError(
+            f"transport=shm needs every stage on one machine, but the placement put them on {nodes} nodes; "
+            "use transport=gloo (nccl between GPUs), or dist.placement=pack on a node with room for all"
+        )
+
+
 def check_grpc_reach(transport: str, bind: str, bundle_nodes: Sequence[str]) -> None:
     """A loopback gRPC server is unreachable from another node: say so now, in one line,
     not after the connect timeout."""

@@ -15,6 +15,7 @@ import resource
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,14 @@ from dni_dist.engines.affinity import (
     slot_width,
     too_few_cores,
 )
-from dni_dist.engines.placement import check_grpc_reach, stage_bundles, stage_cpus, stage_gpus
+from dni_dist.engines.placement import check_grpc_reach, check_one_machine, stage_bundles, stage_cpus, stage_gpus
 from dni_dist.engines.scaling import wait_for_placement
 from dni_dist.engines.shards import ShardRecord, read_shard, read_token, to_cpu, write_shard, write_token
 from dni_dist.engines.stage_loop import StageLoop, adopt_thread_count
 from dni_dist.engines.wiring import all_streams, streams_of
 from dni_dist.errors import ConfigError, SnapshotLost, StageLost, reason
 from dni_dist.transports.base import Stream, Transport, TransportError
+from dni_dist.transports.shm import SharedMemoryTransport, default_directory, shm_room
 from dni_dist.transports.slow_link import SlowLinkTransport
 from dni_dist.transports.torch_dist import TorchDistTransport, free_port, init_links, shutdown_groups
 
@@ -109,11 +111,26 @@ class StageWorker:
         return ray.util.get_node_ip_address(), free_port()
 
     def listen(self, streams: list[Stream], run_id: str) -> str:
-        """gRPC: start this stage's server; returns the address peers should dial."""
+        """gRPC: start this stage's server; returns the address peers should dial. Shared
+        memory: make this stage's inbound rings (every stage does before any attaches)."""
         from dni_dist.transports.grpc_security import GrpcSecurity
         from dni_dist.transports.grpc_transport import GrpcTransport
 
         cfg = self.config
+        if cfg.transport == "shm":
+            inbound, outbound = streams_of(self.index, streams)
+            self.transport = SharedMemoryTransport(
+                self.index,
+                inbound,
+                outbound,
+                default_directory(run_id),
+                self.device,
+                cfg.dist.capacity,
+                cfg.dist.timeout,
+                cfg.dist.max_message_bytes,
+            )
+            self.transport.create_inbound()
+            return ""
         bind = cfg.dist.grpc_bind
         d = cfg.dist  # the token comes from this worker's environment (runtime_env env_vars)
         security = GrpcSecurity.from_settings(d.grpc_tls_cert, d.grpc_tls_key, d.grpc_tls_ca, d.grpc_token_env)
@@ -142,6 +159,9 @@ class StageWorker:
         if cfg.transport == "grpc":
             assert self.transport is not None and peers is not None, "listen() comes first"
             self.transport.connect(peers)
+        elif cfg.transport == "shm":
+            assert isinstance(self.transport, SharedMemoryTransport), "listen() comes first"
+            self.transport.attach_outbound()
         else:
             backend = cfg.transport
             groups = init_links(
@@ -300,7 +320,7 @@ class StageWorker:
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-        if self.config.transport != "grpc":
+        if self.config.transport in ("gloo", "nccl"):
             shutdown_groups()
         self.claim.release()  # the kernel would drop the locks with the process anyway
 
@@ -315,6 +335,20 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def choose_transport(
+    requested: str, bundle_nodes: list[str], local_cpu_run: bool, streams: list[Stream], capacity: int
+) -> str:
+    """``transport=auto``: shared memory where it surely works and helps, gloo elsewhere.
+    ``local_cpu_run``: a Ray this process started (an embedded one: every stage on this
+    machine, as is the driver, which can therefore look at /dev/shm) and CPU stages (GPU
+    stages would copy to the host on the compute thread; gloo's link threads do it apart).
+    Also one node in the placement and room for the rings. Any other transport is taken as asked."""
+    if requested != "auto":
+        return requested
+    here = local_cpu_run and len(set(bundle_nodes)) == 1 and hasattr(os, "mkfifo")
+    return "shm" if here and shm_room(streams, capacity) else "gloo"
 
 
 def _bundle_nodes(pg: Any, count: int) -> list[str]:
@@ -360,6 +394,7 @@ class RayRun:
         """``in_memory``: ``dataset`` cannot be loaded from the config (tensors given to
         ``dni_dist.fit``); it is shipped to stage 0, as a data factory's output is."""
         self.config = config
+        self.requested_transport = config.transport  # "auto" is decided per placement (_start)
         self.dataset = dataset
         self.started_ray = connect_ray(config)
         # The text corpus too: read from files on the driver's machine (or its own Python's
@@ -401,7 +436,17 @@ class RayRun:
         self.pg = placement_group([bundle] * k, strategy=strategy)
         wait_for_placement(self.pg, [bundle] * k, strategy, d.timeout, d.scale_timeout, self.started_ray)
         bundle_nodes = _bundle_nodes(self.pg, k)
+        plan = plan_layout(cfg, self.dataset.input_shape, self.dataset.task)  # cut shapes only: on meta
+        direct = cfg.method in ("dfa", "kickback")
+        streams = all_streams(
+            k, plan.cut_shapes, cfg.data.batch_size, self.dataset.task, direct, wire_dtype(cfg.precision)
+        )
+        transport = choose_transport(
+            self.requested_transport, bundle_nodes, owns_ray() and not use_gpu, streams, d.capacity
+        )
+        cfg = self.config = replace(cfg, transport=transport)
         check_grpc_reach(cfg.transport, cfg.dist.grpc_bind, bundle_nodes)
+        check_one_machine(cfg.transport, bundle_nodes)
         bundles = stage_bundles(bundle_nodes)  # neighbours on one node where the placement allows
         worker = ray.remote(StageWorker)
         task = self.dataset.task
@@ -436,10 +481,7 @@ class RayRun:
             raise ConfigError(f"{problem}; ship the module with the job (ray job submit --working-dir, or py_modules)")
         if should_pin(d.pin_cpus, owns_ray()):
             self._pin([bundle_nodes[b] for b in bundles], cpus)
-        plan = plan_layout(cfg, self.dataset.input_shape, task)  # cut shapes only: on meta
-        direct = cfg.method in ("dfa", "kickback")
-        streams = all_streams(k, plan.cut_shapes, cfg.data.batch_size, task, direct, wire_dtype(cfg.precision))
-        if cfg.transport == "grpc":
+        if cfg.transport in ("grpc", "shm"):  # every stage listens before any connects
             run_id = f"{self.run_id}-g{self.generation}"  # a stage refuses streams from any other run
             addresses = ray.get([a.listen.remote(streams, run_id) for a in self.actors], timeout=cfg.dist.timeout)
             peers = dict(enumerate(addresses))

@@ -85,9 +85,8 @@ import torch.distributed as dist
 from dni_dist.core.messages import Message, message_bytes
 from dni_dist.transports.base import CODE_KINDS, KIND_CODES, Stream, Transport
 from dni_dist.transports.errors import TransportError, TransportTimeout
+from dni_dist.transports.layout import Layout, Link
 from dni_dist.transports.validate import WireViolation
-
-Link = tuple[int, int]  # (src, dst) of one directed stream
 
 
 def free_port() -> int:
@@ -412,49 +411,6 @@ class TorchDistTransport(Transport):
         return msg
 
 
-@dataclass(frozen=True)
-class Layout:
-    """One message as one byte buffer: the (kind, step) header, the payload, the labels
-    (8-byte aligned); fixed per stream, so one send and one receive per message."""
-
-    link: Link
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    labels_shape: tuple[int, ...]
-    labels_dtype: torch.dtype
-    labels_at: int
-    nbytes: int
-
-    @classmethod
-    def of(cls, stream: Stream) -> Layout:
-        dtype = stream.dtype  # the stages' precision
-        payload_bytes = _numel(stream.shape) * _itemsize(dtype)
-        labels_at = HEADER_BYTES + -(-payload_bytes // 8) * 8
-        labels_bytes = _numel(stream.labels_shape) * _itemsize(stream.labels_dtype) if stream.up else 0
-        return cls(
-            (stream.src, stream.dst),
-            stream.shape,
-            dtype,
-            stream.labels_shape,
-            stream.labels_dtype,
-            labels_at,
-            labels_at + labels_bytes,
-        )
-
-    def header(self, buffer: torch.Tensor) -> torch.Tensor:
-        return buffer[:HEADER_BYTES].view(torch.long)
-
-    def payload(self, buffer: torch.Tensor) -> torch.Tensor:
-        end = HEADER_BYTES + _numel(self.shape) * _itemsize(self.dtype)
-        return buffer[HEADER_BYTES:end].view(self.dtype).view(self.shape)
-
-    def labels(self, buffer: torch.Tensor) -> torch.Tensor:
-        return buffer[self.labels_at : self.nbytes].view(self.labels_dtype).view(self.labels_shape)
-
-
-HEADER_BYTES = 16  # (kind, step) as two int64
-
-
 def _read_header(header: torch.Tensor) -> tuple[int, int]:
     """(kind code, step) of a received header. On a GPU: copied into pinned memory on the
     current (link) stream, then the host waits for that copy's event only: not a pageable
@@ -548,17 +504,6 @@ def _link_streams(links: list[Link], device: torch.device) -> dict[Link, Any]:
             "use fewer segments, or a method other than dfa and kickback (their top stage has a link to every stage)"
         )
     return streams
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def shutdown_groups() -> None:

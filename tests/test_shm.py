@@ -1,0 +1,157 @@
+"""The shared-memory transport (transport=shm): two stages' ends in one process, so every
+property is checked without Ray; the Ray engine over it is in test_ray_engine.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from dni_dist.core.messages import Kind, Message, Stream
+from dni_dist.engines.placement import check_one_machine
+from dni_dist.errors import ConfigError
+from dni_dist.transports.errors import TransportError, TransportTimeout
+from dni_dist.transports.shm import SharedMemoryTransport
+
+CPU = torch.device("cpu")
+
+
+def _pair(tmp_path, capacity: int = 4, timeout: float = 5.0, dtype: torch.dtype = torch.float32):
+    """Stage 0 and stage 1 of a K=2 run: activations (with labels) up, gradients down."""
+    up = Stream(0, 1, True, (3, 5), (3,), torch.long, dtype)
+    down = Stream(1, 0, False, (3, 5), dtype=dtype)
+    low = SharedMemoryTransport(0, [down], [up], tmp_path / "run", CPU, capacity, timeout)
+    top = SharedMemoryTransport(1, [up], [down], tmp_path / "run", CPU, capacity, timeout)
+    for end in (low, top):
+        end.create_inbound()
+    for end in (low, top):
+        end.attach_outbound()
+    return low, top
+
+
+def _activation(step: int, dtype: torch.dtype = torch.float32) -> Message:
+    x = (torch.arange(15, dtype=torch.float32).view(3, 5) + 100 * step).to(dtype)
+    return Message(Kind.ACTIVATION, step, 0, 1, x, torch.tensor([step, 1, 2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_messages_cross_both_ways_in_order_with_kind_step_and_labels(tmp_path, dtype: torch.dtype) -> None:
+    low, top = _pair(tmp_path, dtype=dtype)
+    try:
+        for round_ in range(3):  # more messages than slots: the ring wraps around
+            steps = range(4 * round_, 4 * round_ + 4)
+            for step in steps:
+                low.send(_activation(step, dtype))
+            for step in steps:
+                got = top.recv(5.0)
+                assert (got.kind, got.step, got.src, got.dst) == (Kind.ACTIVATION, step, 0, 1)
+                assert got.tensor.dtype == dtype and torch.equal(got.tensor, _activation(step, dtype).tensor)
+                assert got.labels.tolist() == [step, 1, 2]
+                top.send(Message(Kind.GRAD, step, 1, 0, -got.tensor))
+            for step in steps:
+                back = low.recv(5.0)
+                assert (back.kind, back.step) == (Kind.GRAD, step) and back.labels is None
+                assert torch.equal(back.tensor, -_activation(step, dtype).tensor)
+        assert low.stats.messages_sent == top.stats.messages_received == 12
+        assert top.stats.messages_sent == low.stats.messages_received == 12
+    finally:
+        low.close()
+        top.close()
+
+
+def test_a_received_message_is_a_copy_the_sender_cannot_overwrite(tmp_path) -> None:
+    low, top = _pair(tmp_path, capacity=1)
+    try:
+        low.send(_activation(0))
+        first = top.recv(5.0)
+        low.send(_activation(1))  # into the same slot, freed by the receive
+        assert torch.equal(first.tensor, _activation(0).tensor)
+    finally:
+        low.close()
+        top.close()
+
+
+def test_a_full_ring_holds_the_sender_back_until_the_receiver_takes_one(tmp_path) -> None:
+    low, top = _pair(tmp_path, capacity=2)
+    try:
+        low.send(_activation(0))
+        low.send(_activation(1))
+        third = threading.Thread(target=low.send, args=(_activation(2),))
+        third.start()
+        time.sleep(0.3)
+        assert third.is_alive()  # blocked: bounded memory, not a drop
+        assert top.recv(5.0).step == 0
+        third.join(5.0)
+        assert not third.is_alive()
+        assert [top.recv(5.0).step for _ in range(2)] == [1, 2]
+    finally:
+        low.close()
+        top.close()
+
+
+def test_a_receiver_that_takes_nothing_times_the_sender_out(tmp_path) -> None:
+    low, top = _pair(tmp_path, capacity=1, timeout=0.3)
+    try:
+        low.send(_activation(0))
+        with pytest.raises(TransportTimeout, match="the receiver took nothing"):
+            low.send(_activation(1))
+        with pytest.raises(TransportTimeout, match="nothing arrived"):
+            low.recv(0.2)
+        assert top.try_recv().step == 0 and top.try_recv() is None
+    finally:
+        low.close()
+        top.close()
+
+
+def test_nothing_stays_on_disk(tmp_path) -> None:
+    low, top = _pair(tmp_path)
+    assert not (tmp_path / "run").exists()  # both ends mapped and opened: the files are gone
+    low.close()
+    top.close()
+    alone = SharedMemoryTransport(1, [Stream(0, 1, True, (2,), (2,))], [], tmp_path / "lone", CPU)
+    alone.create_inbound()
+    assert len(list((tmp_path / "lone").iterdir())) == 3  # ring, data, credit: no sender came
+    alone.close()
+    assert not (tmp_path / "lone").exists()
+
+
+def test_a_sender_without_its_receivers_ring_stops_in_one_line(tmp_path) -> None:
+    lone = SharedMemoryTransport(0, [], [Stream(0, 1, True, (2,), (2,))], tmp_path / "none", CPU)
+    with pytest.raises(TransportError, match=r"no shared-memory ring for stream up 0->1.*one machine"):
+        lone.attach_outbound()
+
+
+def test_stages_on_two_machines_are_refused_before_anything_starts() -> None:
+    check_one_machine("shm", ["node-a", "node-a"])
+    check_one_machine("gloo", ["node-a", "node-b"])
+    with pytest.raises(ConfigError, match=r"transport=shm needs every stage on one machine.*2 nodes"):
+        check_one_machine("shm", ["node-a", "node-b", "node-a"])
+
+
+def test_too_little_shared_memory_stops_in_one_line_before_a_page_is_written(tmp_path, monkeypatch) -> None:
+    import os
+
+    class Tiny:
+        f_bavail, f_frsize = 10, 4096  # 40 KiB free
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Tiny())
+    big = SharedMemoryTransport(1, [Stream(0, 1, True, (64, 256), (64,))], [], tmp_path / "small", CPU)
+    with pytest.raises(TransportError, match=r"transport=shm needs 0\.3 MiB .* 0\.0 MiB free.*--shm-size"):
+        big.create_inbound()
+    big.close()
+
+
+def test_auto_takes_shared_memory_only_for_cpu_stages_of_an_embedded_ray_on_one_machine(monkeypatch) -> None:
+    from dni_dist.engines import ray_engine
+    from dni_dist.engines.ray_engine import choose_transport
+
+    streams = [Stream(0, 1, True, (64, 256), (64,)), Stream(1, 0, False, (64, 256))]
+    assert choose_transport("auto", ["n1", "n1"], True, streams, 4) == "shm"
+    assert choose_transport("auto", ["n1", "n2"], True, streams, 4) == "gloo"  # placed on two nodes
+    assert choose_transport("auto", ["n1", "n1"], False, streams, 4) == "gloo"  # a cluster's Ray, or GPU stages
+    for asked in ("gloo", "grpc", "nccl", "shm"):
+        assert choose_transport(asked, ["n1", "n2"], False, streams, 4) == asked
+    monkeypatch.setattr(ray_engine, "shm_room", lambda streams, capacity: False)  # a small /dev/shm
+    assert choose_transport("auto", ["n1", "n1"], True, streams, 4) == "gloo"
