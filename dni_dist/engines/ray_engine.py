@@ -1,5 +1,7 @@
 """The distributed engine: one Ray actor per segment, each running the stage loop on its
-own device, talking over a transport (torch.distributed P2P: NCCL on GPUs, gloo on CPU).
+own device, talking over a transport (torch.distributed P2P: NCCL on GPUs, gloo on CPU;
+gRPC; or shared memory between stages on one machine, what ``transport=auto`` takes for an
+embedded Ray's CPU stages: ``choose_transport``).
 
 The driver only sets things up and calls each actor once per epoch (``run_epoch``); the
 data plane never goes through Ray calls (an actor call costs about 1 ms here, a gloo

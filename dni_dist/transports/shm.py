@@ -32,7 +32,7 @@ import ctypes
 import os
 import select
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,7 +66,6 @@ class _Ring:
     paths: list[Path]
     next_slot: int = 0
     available: int = 0  # receiver: messages ready; sender: free slots
-    extra_fds: list[int] = field(default_factory=list)
 
 
 class SharedMemoryTransport(Transport):
