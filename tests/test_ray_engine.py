@@ -266,3 +266,24 @@ def test_a_polled_run_gets_each_epochs_metrics_with_its_results(monkeypatch) -> 
     finally:
         monkeypatch.setattr(ray, "get", real_get)
         run.close()
+
+
+def test_a_restart_over_shared_memory_wires_new_rings_and_leaves_none_behind() -> None:
+    from pathlib import Path
+
+    from dni_dist.builder import load_data
+
+    shm = Path("/dev/shm")
+    before = set(shm.glob("dni-*")) if shm.is_dir() else set()
+    cfg = config(*RAY, "transport=shm", "segments=3")  # a middle stage: two inbound rings
+    run = RayRun(cfg, load_data(cfg))
+    try:
+        run.train_epoch(0)
+        run.restart()  # every actor replaced: a new generation, new rings
+        losses = run.train_epoch(1)
+        assert len(losses) == run.steps_per_epoch and all(loss == loss for loss in losses)
+        assert all(s["transport"]["messages_received"] > 0 for s in run.stage_summaries())
+    finally:
+        run.close()
+    if shm.is_dir():
+        assert set(shm.glob("dni-*")) == before
