@@ -3,6 +3,7 @@ property is checked without Ray; the Ray engine over it is in test_ray_engine.py
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -18,17 +19,23 @@ from dni_dist.transports.shm import SharedMemoryTransport
 CPU = torch.device("cpu")
 
 
+@contextlib.contextmanager
 def _pair(tmp_path, capacity: int = 4, timeout: float = 5.0, dtype: torch.dtype = torch.float32):
-    """Stage 0 and stage 1 of a K=2 run: activations (with labels) up, gradients down."""
+    """Stage 0 and stage 1 of a K=2 run: activations (with labels) up, gradients down;
+    both closed on the way out."""
     up = Stream(0, 1, True, (3, 5), (3,), torch.long, dtype)
     down = Stream(1, 0, False, (3, 5), dtype=dtype)
     low = SharedMemoryTransport(0, [down], [up], tmp_path / "run", CPU, capacity, timeout)
     top = SharedMemoryTransport(1, [up], [down], tmp_path / "run", CPU, capacity, timeout)
-    for end in (low, top):
-        end.create_inbound()
-    for end in (low, top):
-        end.attach_outbound()
-    return low, top
+    try:
+        for end in (low, top):
+            end.create_inbound()
+        for end in (low, top):
+            end.attach_outbound()
+        yield low, top
+    finally:
+        low.close()
+        top.close()
 
 
 def _activation(step: int, dtype: torch.dtype = torch.float32) -> Message:
@@ -38,8 +45,7 @@ def _activation(step: int, dtype: torch.dtype = torch.float32) -> Message:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_messages_cross_both_ways_in_order_with_kind_step_and_labels(tmp_path, dtype: torch.dtype) -> None:
-    low, top = _pair(tmp_path, dtype=dtype)
-    try:
+    with _pair(tmp_path, dtype=dtype) as (low, top):
         for round_ in range(3):  # more messages than slots: the ring wraps around
             steps = range(4 * round_, 4 * round_ + 4)
             for step in steps:
@@ -56,26 +62,18 @@ def test_messages_cross_both_ways_in_order_with_kind_step_and_labels(tmp_path, d
                 assert torch.equal(back.tensor, -_activation(step, dtype).tensor)
         assert low.stats.messages_sent == top.stats.messages_received == 12
         assert top.stats.messages_sent == low.stats.messages_received == 12
-    finally:
-        low.close()
-        top.close()
 
 
 def test_a_received_message_is_a_copy_the_sender_cannot_overwrite(tmp_path) -> None:
-    low, top = _pair(tmp_path, capacity=1)
-    try:
+    with _pair(tmp_path, capacity=1) as (low, top):
         low.send(_activation(0))
         first = top.recv(5.0)
         low.send(_activation(1))  # into the same slot, freed by the receive
         assert torch.equal(first.tensor, _activation(0).tensor)
-    finally:
-        low.close()
-        top.close()
 
 
 def test_a_full_ring_holds_the_sender_back_until_the_receiver_takes_one(tmp_path) -> None:
-    low, top = _pair(tmp_path, capacity=2)
-    try:
+    with _pair(tmp_path, capacity=2) as (low, top):
         low.send(_activation(0))
         low.send(_activation(1))
         third = threading.Thread(target=low.send, args=(_activation(2),))
@@ -86,30 +84,21 @@ def test_a_full_ring_holds_the_sender_back_until_the_receiver_takes_one(tmp_path
         third.join(5.0)
         assert not third.is_alive()
         assert [top.recv(5.0).step for _ in range(2)] == [1, 2]
-    finally:
-        low.close()
-        top.close()
 
 
 def test_a_receiver_that_takes_nothing_times_the_sender_out(tmp_path) -> None:
-    low, top = _pair(tmp_path, capacity=1, timeout=0.3)
-    try:
+    with _pair(tmp_path, capacity=1, timeout=0.3) as (low, top):
         low.send(_activation(0))
         with pytest.raises(TransportTimeout, match="the receiver took nothing"):
             low.send(_activation(1))
         with pytest.raises(TransportTimeout, match="nothing arrived"):
             low.recv(0.2)
         assert top.try_recv().step == 0 and top.try_recv() is None
-    finally:
-        low.close()
-        top.close()
 
 
 def test_nothing_stays_on_disk(tmp_path) -> None:
-    low, top = _pair(tmp_path)
-    assert not (tmp_path / "run").exists()  # both ends mapped and opened: the files are gone
-    low.close()
-    top.close()
+    with _pair(tmp_path):
+        assert not (tmp_path / "run").exists()  # both ends mapped and opened: the files are gone
     alone = SharedMemoryTransport(1, [Stream(0, 1, True, (2,), (2,))], [], tmp_path / "lone", CPU)
     alone.create_inbound()
     assert len(list((tmp_path / "lone").iterdir())) == 3  # ring, data, credit: no sender came

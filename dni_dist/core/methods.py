@@ -182,6 +182,12 @@ class SyntheticBoundary(Boundary):
         """The SG's output in per-example units (what its targets are compared with)."""
         return self.sg(h.detach(), context)
 
+    @property
+    def reuses_outputs(self) -> bool:
+        """Can an output made for an update train the SG after its later steps
+        (``sg.reuse_lag``)? Only an unlocked SG, and one whose kept outputs still train it."""
+        return not self.update_locked and self.sg.fits_kept_outputs
+
     def tracked_signal(self, h: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the SG's output with its graph to the SG's parameters, ``signal``'s value): the
         output can train the SG later (``fit_loss``) if the SG has not changed meanwhile."""

@@ -219,8 +219,7 @@ class Stage:
         # order, so a step with more than L older steps waiting at its update cannot reuse:
         # only the oldest L + 1 waiting steps keep their outputs. The pending-memory meter,
         # which budgets what each waiting step holds, counts an output per step when L > 0.
-        fits = self.keeps_sg_prediction and boundary.sg.fits_kept_outputs
-        self.reuse_lag = policy.reuse_lag if fits else 0
+        self.reuse_lag = policy.reuse_lag if learned and boundary.reuses_outputs else 0
 
     # ----------------------------------------------------------------- events
     def forward(self, step: int, x: torch.Tensor, labels: torch.Tensor) -> list[Message]:

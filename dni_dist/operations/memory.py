@@ -183,7 +183,8 @@ def estimate(
             step_bytes = x_bytes + h_bytes + batch * output_values * 4
             if boundary.waits_for != "nothing" and not stashes:
                 step_bytes += graph
-            if config.sg.reuse_lag and _reuses_sg_output(boundary):  # its kept SG output, shaped like h
+            reuses = isinstance(boundary, SyntheticBoundary) and boundary.reuses_outputs
+            if config.sg.reuse_lag and reuses:  # its kept SG output, shaped like h (Stage.reuse_lag)
                 step_bytes += h_bytes
             budget = config.dist.pending_memory or where[k].pending_default
             copy = params + graph if stashes else 0  # what a step with a weight copy adds
@@ -197,12 +198,6 @@ def estimate(
         )
         out.append(memory)
     return out
-
-
-def _reuses_sg_output(boundary: Boundary) -> bool:
-    """Does a stage at this boundary keep SG outputs with ``sg.reuse_lag`` > 0 (Stage.reuse_lag)?"""
-    learned = isinstance(boundary, SyntheticBoundary) and not boundary.update_locked
-    return learned and boundary.sg.fits_kept_outputs
 
 
 def _data_on_device(device: Device, train_bytes: int) -> bool:

@@ -96,11 +96,9 @@ class SharedMemoryTransport(Transport):
         if not hasattr(os, "mkfifo"):
             raise TransportError("transport=shm needs POSIX FIFOs (Linux, macOS); use transport=gloo here")
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        sizes = {stream.src: _slot_bytes(Layout.of(stream)) * self.capacity for stream in self.inbound.values()}
         # A ring is a sparse file: too small a /dev/shm (a container's default is 64 MiB) would
         # show only when a page is first written, as a SIGBUS. Say so now instead.
-        stat = os.statvfs(self.directory)
-        free, need = stat.f_bavail * stat.f_frsize, sum(sizes.values())
+        free, need = _free_bytes(self.directory), ring_bytes(list(self.inbound.values()), self.capacity)
         if need > free:
             raise TransportError(
                 f"rank {self.rank}: transport=shm needs {need / 2**20:.1f} MiB in {self.directory.parent}, which has "
@@ -109,9 +107,8 @@ class SharedMemoryTransport(Transport):
         for stream in self.inbound.values():
             ring_path, data_path, credit_path = self._paths(stream)
             layout = Layout.of(stream)
-            size = sizes[stream.src]
             with open(ring_path, "wb") as f:
-                f.truncate(size)
+                f.truncate(_slot_bytes(layout) * self.capacity)
             for fifo in (data_path, credit_path):
                 os.mkfifo(fifo, 0o600)
             # O_RDWR: opening never waits for the other end (Linux), and the FIFO lives on.
@@ -254,11 +251,19 @@ class SharedMemoryTransport(Transport):
             select.select([ring.wait_fd], [], [], left)
 
 
-def shm_room(streams: list[Stream], capacity: int, base: Path | None = None) -> bool:
+def shm_room(streams: list[Stream], capacity: int) -> bool:
     """Would every ring of a run fit the free space where the rings go (this machine)?"""
-    base = base or default_directory("probe").parent
-    stat = os.statvfs(base)
-    return sum(_slot_bytes(Layout.of(s)) * capacity for s in streams) <= stat.f_bavail * stat.f_frsize
+    return ring_bytes(streams, capacity) <= _free_bytes(default_directory("probe").parent)
+
+
+def ring_bytes(streams: list[Stream], capacity: int) -> int:
+    """The bytes of the rings of ``streams``, ``capacity`` slots each."""
+    return sum(_slot_bytes(Layout.of(s)) * capacity for s in streams)
+
+
+def _free_bytes(path: Path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
 
 
 def _drain(ring: _Ring) -> int:
