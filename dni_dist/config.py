@@ -193,8 +193,9 @@ class TrainConfig:
     # ("cost"), or by parameter count ("params").
     balance: str = "cost"
     runtime: str = "local"
-    # auto: shared memory (shm) with an embedded Ray (every stage on this machine), gloo on
-    # a cluster; the run's summary.json says which (engines/ray_engine.py, choose_transport).
+    # auto: shared memory (shm) when the CPU stages are placed on one node (an embedded Ray,
+    # or one node of a cluster), else gloo; the run's summary.json says which
+    # (engines/ray_engine.py, choose_transport).
     transport: str = "auto"
     epochs: int = 10
     seed: int = 0

@@ -268,6 +268,30 @@ def test_a_polled_run_gets_each_epochs_metrics_with_its_results(monkeypatch) -> 
         run.close()
 
 
+def test_auto_takes_shared_memory_on_one_node_of_a_ray_the_run_did_not_start() -> None:
+    """As on a one-node cluster joined by address: the tests' Ray is not the run's own."""
+    from dni_dist.builder import load_data
+    from dni_dist.engines.ray_engine import ask_node_for_shm_room, owns_ray
+    from dni_dist.transports.base import Stream
+
+    assert not owns_ray()
+    cfg = config("runtime=ray", "dist.cpus_per_stage=0.5", "segments=2")
+    assert cfg.transport == "auto"
+    run = RayRun(cfg, load_data(cfg))
+    try:
+        assert run.config.transport == "shm" and run.requested_transport == "auto"
+        losses = run.train_epoch(0)
+        assert len(losses) == run.steps_per_epoch
+    finally:
+        run.close()
+    # the question as a node that is not the driver's gets it: a task placed on that node
+    streams = [Stream(0, 1, True, (64, 256), (64,)), Stream(1, 0, False, (64, 256))]
+    node = ray.get_runtime_context().get_node_id()
+    assert ask_node_for_shm_room(node, streams, 4, timeout=30)
+    assert not ask_node_for_shm_room("ab" * 28, streams, 4, timeout=30)  # no such node: gloo
+    assert not ask_node_for_shm_room("", streams, 4, timeout=30)  # a bundle with no node in the table
+
+
 def test_a_restart_over_shared_memory_wires_new_rings_and_leaves_none_behind() -> None:
     from pathlib import Path
 

@@ -4,6 +4,8 @@ property is checked without Ray; the Ray engine over it is in test_ray_engine.py
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import threading
 import time
 
@@ -120,8 +122,6 @@ def test_stages_on_two_machines_are_refused_before_anything_starts() -> None:
 
 
 def test_too_little_shared_memory_stops_in_one_line_before_a_page_is_written(tmp_path, monkeypatch) -> None:
-    import os
-
     class Tiny:
         f_bavail, f_frsize = 10, 4096  # 40 KiB free
 
@@ -132,15 +132,55 @@ def test_too_little_shared_memory_stops_in_one_line_before_a_page_is_written(tmp
     big.close()
 
 
-def test_auto_takes_shared_memory_only_for_cpu_stages_of_an_embedded_ray_on_one_machine(monkeypatch) -> None:
-    from dni_dist.engines import ray_engine
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="rings are sparse files without posix_fallocate")
+def test_ring_pages_are_reserved_up_front_and_a_full_dev_shm_is_one_line(tmp_path, monkeypatch) -> None:
+    """Space that something else takes after the free-space check must not show later as a
+    SIGBUS on a ring's first write: the pages are allocated when the ring is made."""
+    stream = Stream(0, 1, True, (64, 256), (64,))
+    ok = SharedMemoryTransport(1, [stream], [], tmp_path / "ok", CPU)
+    ok.create_inbound()
+    [ring] = [p for p in (tmp_path / "ok").iterdir() if p.stat().st_size > 0]
+    assert ring.stat().st_blocks * 512 >= ring.stat().st_size  # allocated, not sparse
+    ok.close()
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    late = SharedMemoryTransport(1, [stream], [], tmp_path / "late", CPU)
+    with pytest.raises(
+        TransportError, match=r"rank 1: transport=shm could not reserve 0\.\d MiB .*No space left.*--shm-size"
+    ):
+        late.create_inbound()
+    late.close()
+
+
+def test_auto_takes_shared_memory_only_for_cpu_stages_on_one_node_with_room() -> None:
     from dni_dist.engines.ray_engine import choose_transport
 
-    streams = [Stream(0, 1, True, (64, 256), (64,)), Stream(1, 0, False, (64, 256))]
-    assert choose_transport("auto", ["n1", "n1"], True, streams, 4) == "shm"
-    assert choose_transport("auto", ["n1", "n2"], True, streams, 4) == "gloo"  # placed on two nodes
-    assert choose_transport("auto", ["n1", "n1"], False, streams, 4) == "gloo"  # a cluster's Ray, or GPU stages
+    asked_room: list[bool] = []
+
+    def room(answer: bool):
+        def ask() -> bool:
+            asked_room.append(answer)
+            return answer
+
+        return ask
+
+    assert choose_transport("auto", ["n1", "n1"], True, room(True)) == "shm"
+    assert choose_transport("auto", ["n1", "n1"], True, room(False)) == "gloo"  # a small /dev/shm, or no FIFOs
+    assert len(asked_room) == 2
+    assert choose_transport("auto", ["n1", "n2"], True, room(True)) == "gloo"  # placed on two nodes
+    assert choose_transport("auto", ["n1", "n1"], False, room(True)) == "gloo"  # GPU stages
     for asked in ("gloo", "grpc", "nccl", "shm"):
-        assert choose_transport(asked, ["n1", "n2"], False, streams, 4) == asked
-    monkeypatch.setattr(ray_engine, "shm_room", lambda streams, capacity: False)  # a small /dev/shm
-    assert choose_transport("auto", ["n1", "n1"], True, streams, 4) == "gloo"
+        assert choose_transport(asked, ["n1", "n2"], False, room(False)) == asked
+    assert len(asked_room) == 2  # the node is asked only when the rest allows shared memory
+
+
+def test_shm_room_checks_the_free_space_on_the_node(monkeypatch) -> None:
+    from dni_dist.transports import shm
+
+    streams = [Stream(0, 1, True, (64, 256), (64,)), Stream(1, 0, False, (64, 256))]
+    assert shm.shm_room(streams, 4)
+    monkeypatch.setattr(shm, "_free_bytes", lambda path: shm.ring_bytes(streams, 4) - 1)
+    assert not shm.shm_room(streams, 4)

@@ -1,7 +1,7 @@
 """The distributed engine: one Ray actor per segment, each running the stage loop on its
 own device, talking over a transport (torch.distributed P2P: NCCL on GPUs, gloo on CPU;
-gRPC; or shared memory between stages on one machine, what ``transport=auto`` takes for an
-embedded Ray's CPU stages: ``choose_transport``).
+gRPC; or shared memory between stages on one machine, what ``transport=auto`` takes for CPU
+stages placed on one node: ``choose_transport``).
 
 The driver only sets things up and calls each actor once per epoch (``run_epoch``); the
 data plane never goes through Ray calls (an actor call costs about 1 ms here, a gloo
@@ -17,6 +17,7 @@ import resource
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import ray
 import torch
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from dni_dist.builder import build_stages, load_data, plan_layout
 from dni_dist.config import TrainConfig
@@ -339,18 +340,34 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def choose_transport(
-    requested: str, bundle_nodes: list[str], local_cpu_run: bool, streams: list[Stream], capacity: int
-) -> str:
-    """``transport=auto``: shared memory where it surely works and helps, gloo elsewhere.
-    ``local_cpu_run``: a Ray this process started (an embedded one: every stage on this
-    machine, as is the driver, which can therefore look at /dev/shm) and CPU stages (GPU
-    stages would copy to the host on the compute thread; gloo's link threads do it apart).
-    Also one node in the placement and room for the rings. Any other transport is taken as asked."""
+def choose_transport(requested: str, bundle_nodes: list[str], cpu_stages: bool, room: Callable[[], bool]) -> str:
+    """``transport=auto``: shared memory where it surely works and helps, gloo elsewhere:
+    CPU stages (GPU stages would copy to the host on the compute thread; gloo's link threads
+    do it apart), all placed on one node (an embedded Ray, or a cluster's node that held
+    them all), and ``room()`` on that node (FIFOs, free space for the rings; asked last, as
+    it may ask the node). Any other transport is taken as asked. A restart decides again
+    for its new placement."""
     if requested != "auto":
         return requested
-    here = local_cpu_run and len(set(bundle_nodes)) == 1 and hasattr(os, "mkfifo")
-    return "shm" if here and shm_room(streams, capacity) else "gloo"
+    return "shm" if cpu_stages and len(set(bundle_nodes)) == 1 and room() else "gloo"
+
+
+def shm_room_on(node_id: str, streams: list[Stream], capacity: int, timeout: float) -> bool:
+    """``shm_room`` on the node ``node_id``: here when the driver is on it, else by a task
+    pinned to it (no CPU claimed). A node that cannot answer gets gloo (False)."""
+    if node_id == ray.get_runtime_context().get_node_id():
+        return shm_room(streams, capacity)
+    return ask_node_for_shm_room(node_id, streams, capacity, timeout)
+
+
+def ask_node_for_shm_room(node_id: str, streams: list[Stream], capacity: int, timeout: float) -> bool:
+    try:  # an id the placement table left blank is a ValueError: no node to ask
+        probe = ray.remote(num_cpus=0)(shm_room).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
+        )
+        return bool(ray.get(probe.remote(streams, capacity), timeout=timeout))
+    except (ray.exceptions.RayError, TimeoutError, ValueError):
+        return False
 
 
 def _bundle_nodes(pg: Any, count: int) -> list[str]:
@@ -444,7 +461,10 @@ class RayRun:
             k, plan.cut_shapes, cfg.data.batch_size, self.dataset.task, direct, wire_dtype(cfg.precision)
         )
         transport = choose_transport(
-            self.requested_transport, bundle_nodes, owns_ray() and not use_gpu, streams, d.capacity
+            self.requested_transport,
+            bundle_nodes,
+            not use_gpu,
+            lambda: shm_room_on(bundle_nodes[0], streams, d.capacity, d.timeout),
         )
         cfg = self.config = replace(cfg, transport=transport)
         check_grpc_reach(cfg.transport, cfg.dist.grpc_bind, bundle_nodes)

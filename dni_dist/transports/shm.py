@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import select
 import time
@@ -96,8 +97,8 @@ class SharedMemoryTransport(Transport):
         if not hasattr(os, "mkfifo"):
             raise TransportError("transport=shm needs POSIX FIFOs (Linux, macOS); use transport=gloo here")
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # A ring is a sparse file: too small a /dev/shm (a container's default is 64 MiB) would
-        # show only when a page is first written, as a SIGBUS. Say so now instead.
+        # Too small a /dev/shm (a container's default is 64 MiB) would show only when a page of
+        # a sparse file is first written, as a SIGBUS. Say so now, and reserve the pages.
         free, need = _free_bytes(self.directory), ring_bytes(list(self.inbound.values()), self.capacity)
         if need > free:
             raise TransportError(
@@ -107,8 +108,7 @@ class SharedMemoryTransport(Transport):
         for stream in self.inbound.values():
             ring_path, data_path, credit_path = self._paths(stream)
             layout = Layout.of(stream)
-            with open(ring_path, "wb") as f:
-                f.truncate(_slot_bytes(layout) * self.capacity)
+            _reserve(ring_path, _slot_bytes(layout) * self.capacity, self.rank)
             for fifo in (data_path, credit_path):
                 os.mkfifo(fifo, 0o600)
             # O_RDWR: opening never waits for the other end (Linux), and the FIFO lives on.
@@ -252,13 +252,33 @@ class SharedMemoryTransport(Transport):
 
 
 def shm_room(streams: list[Stream], capacity: int) -> bool:
-    """Would every ring of a run fit the free space where the rings go (this machine)?"""
-    return ring_bytes(streams, capacity) <= _free_bytes(default_directory("probe").parent)
+    """Can this machine hold every ring of a run: POSIX FIFOs, and room for the rings where
+    they go? (Run where the stages are: the Ray engine asks on their node.)"""
+    return hasattr(os, "mkfifo") and ring_bytes(streams, capacity) <= _free_bytes(default_directory("probe").parent)
 
 
 def ring_bytes(streams: list[Stream], capacity: int) -> int:
     """The bytes of the rings of ``streams``, ``capacity`` slots each."""
     return sum(_slot_bytes(Layout.of(s)) * capacity for s in streams)
+
+
+def _reserve(path: Path, size: int, rank: int) -> None:
+    """Create the ring file with its pages allocated where the system can (Linux): the
+    free-space check alone races with whatever else fills /dev/shm later (Ray's object store
+    lives there too), and a page that cannot be had when first written is a SIGBUS."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        if not hasattr(os, "posix_fallocate"):  # macOS: a sparse file, checked above only
+            return
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it
+                return
+            raise TransportError(
+                f"rank {rank}: transport=shm could not reserve {size / 2**20:.1f} MiB in {path.parent} "
+                f"({exc.strerror}); give it more (docker run --shm-size) or use transport=gloo"
+            ) from None
 
 
 def _free_bytes(path: Path) -> int:
