@@ -153,6 +153,7 @@ def test_ring_pages_are_reserved_up_front_and_a_full_dev_shm_is_one_line(tmp_pat
     ):
         late.create_inbound()
     late.close()
+    assert not (tmp_path / "late").exists()  # nothing half-made is left in a /dev/shm that is short already
 
 
 def test_auto_takes_shared_memory_only_for_cpu_stages_on_one_node_with_room() -> None:

@@ -275,6 +275,7 @@ def _reserve(path: Path, size: int, rank: int) -> None:
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it
                 return
+            path.unlink()  # what it did allocate goes back to a /dev/shm that is short already
             raise TransportError(
                 f"rank {rank}: transport=shm could not reserve {size / 2**20:.1f} MiB in {path.parent} "
                 f"({exc.strerror}); give it more (docker run --shm-size) or use transport=gloo"
