@@ -7,6 +7,7 @@ message (torch.distributed point-to-point), or one slot of a shared-memory ring 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +34,9 @@ class Layout:
     @classmethod
     def of(cls, stream: Stream) -> Layout:
         dtype = stream.dtype  # the stages' precision
-        payload_bytes = _numel(stream.shape) * _itemsize(dtype)
+        payload_bytes = math.prod(stream.shape) * dtype.itemsize
         labels_at = HEADER_BYTES + -(-payload_bytes // 8) * 8
-        labels_bytes = _numel(stream.labels_shape) * _itemsize(stream.labels_dtype) if stream.up else 0
+        labels_bytes = math.prod(stream.labels_shape) * stream.labels_dtype.itemsize if stream.up else 0
         return cls(
             (stream.src, stream.dst),
             stream.shape,
@@ -50,19 +51,8 @@ class Layout:
         return buffer[:HEADER_BYTES].view(torch.long)
 
     def payload(self, buffer: torch.Tensor) -> torch.Tensor:
-        end = HEADER_BYTES + _numel(self.shape) * _itemsize(self.dtype)
+        end = HEADER_BYTES + math.prod(self.shape) * self.dtype.itemsize
         return buffer[HEADER_BYTES:end].view(self.dtype).view(self.shape)
 
     def labels(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer[self.labels_at : self.nbytes].view(self.labels_dtype).view(self.labels_shape)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -47,10 +47,14 @@ from dni_dist.transports.validate import WireViolation
 SLOT_ALIGN = 64  # slots start on cache lines
 
 
+def _base_directory() -> Path:
+    """Where ring files go: memory-backed ``/dev/shm`` where the system has it."""
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
+
+
 def default_directory(run_id: str) -> Path:
-    """Where a run's ring files go: memory-backed ``/dev/shm`` where the system has it."""
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
-    return base / f"dni-{run_id}"
+    """A run's own directory for its ring files."""
+    return _base_directory() / f"dni-{run_id}"
 
 
 @dataclass
@@ -94,17 +98,12 @@ class SharedMemoryTransport(Transport):
     # ------------------------------------------------------------- wiring
     def create_inbound(self) -> None:
         """Make this stage's inbound rings and FIFOs (before any sender attaches)."""
-        if not hasattr(os, "mkfifo"):
-            raise TransportError("transport=shm needs POSIX FIFOs (Linux, macOS); use transport=gloo here")
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Too small a /dev/shm (a container's default is 64 MiB) would show only when a page of
         # a sparse file is first written, as a SIGBUS. Say so now, and reserve the pages.
-        free, need = _free_bytes(self.directory), ring_bytes(list(self.inbound.values()), self.capacity)
-        if need > free:
-            raise TransportError(
-                f"rank {self.rank}: transport=shm needs {need / 2**20:.1f} MiB in {self.directory.parent}, which has "
-                f"{free / 2**20:.1f} MiB free; give it more (docker run --shm-size) or use transport=gloo"
-            )
+        problem = room_problem(list(self.inbound.values()), self.capacity, self.directory.parent)
+        if problem:
+            raise TransportError(f"rank {self.rank}: {problem}")
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         for stream in self.inbound.values():
             ring_path, data_path, credit_path = self._paths(stream)
             layout = Layout.of(stream)
@@ -251,10 +250,25 @@ class SharedMemoryTransport(Transport):
             select.select([ring.wait_fd], [], [], left)
 
 
+def room_problem(streams: list[Stream], capacity: int, where: Path | None = None) -> str | None:
+    """Why this machine cannot hold the rings of ``streams`` in ``where`` (by default where
+    rings go), in one line; None if it can: POSIX FIFOs, and free space for the rings."""
+    if not hasattr(os, "mkfifo"):
+        return "transport=shm needs POSIX FIFOs (Linux, macOS); use transport=gloo here"
+    where = where or _base_directory()
+    free, need = _free_bytes(where), ring_bytes(streams, capacity)
+    if need > free:
+        return (
+            f"transport=shm needs {need / 2**20:.1f} MiB in {where}, which has {free / 2**20:.1f} MiB free; "
+            "give it more (docker run --shm-size) or use transport=gloo"
+        )
+    return None
+
+
 def shm_room(streams: list[Stream], capacity: int) -> bool:
-    """Can this machine hold every ring of a run: POSIX FIFOs, and room for the rings where
-    they go? (Run where the stages are: the Ray engine asks on their node.)"""
-    return hasattr(os, "mkfifo") and ring_bytes(streams, capacity) <= _free_bytes(default_directory("probe").parent)
+    """Can this machine hold every ring of a run? (Run where the stages are: the Ray engine
+    asks on their node.)"""
+    return room_problem(streams, capacity) is None
 
 
 def ring_bytes(streams: list[Stream], capacity: int) -> int:
